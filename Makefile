@@ -1,0 +1,42 @@
+# Each target creates .venv when it is missing and installs only what that target needs.
+# A stamp file per install makes a second call with an unchanged setup.py install nothing.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PYTEST_ARGS ?=
+
+.PHONY: demo test test-slow lint bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(VENV)/.stamp-run: setup.py | $(BIN)/python
+	$(BIN)/python -m pip install -q -e .
+	touch $@
+
+$(VENV)/.stamp-test: setup.py | $(BIN)/python
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $@
+
+$(VENV)/.stamp-bench: setup.py | $(BIN)/python
+	$(BIN)/python -m pip install -q -e '.[test,bench]'
+	touch $@
+
+demo: $(VENV)/.stamp-run
+	$(BIN)/python -m ablate_jax.train --config=configs/xattn.py --workdir=workdirs/demo-$$(date +%Y%m%d-%H%M%S)
+
+test: $(VENV)/.stamp-test
+	$(BIN)/python -m pytest -q -m "not slow" tests $(PYTEST_ARGS)
+
+test-slow: $(VENV)/.stamp-test
+	$(BIN)/python -m pytest -q -m slow tests $(PYTEST_ARGS)
+
+lint: $(VENV)/.stamp-test
+	$(BIN)/ruff check .
+
+bench: $(VENV)/.stamp-bench
+	$(BIN)/python bench/sampling.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info
