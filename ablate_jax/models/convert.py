@@ -145,3 +145,13 @@ def flax_to_torch(params: Params) -> dict[str, np.ndarray]:
             raise ConversionError(f"two parameters map to the PyTorch name {key!r}")
         out[key] = _contiguous(value)
     return out
+
+
+def with_prefix(tensors: Mapping[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
+    """Puts ``prefix.`` before every key that does not already start with it.
+
+    transformers >= 5 saves ``CLIPTextModel`` without the ``text_model.`` level (and
+    ``CLIPVisionModel`` without ``vision_model.``) that older checkpoints and these modules use.
+    """
+    head = prefix.rstrip(".") + "."
+    return {k if k.startswith(head) else head + k: v for k, v in tensors.items()}
