@@ -58,12 +58,20 @@ def _contiguous(value: np.ndarray) -> np.ndarray:
     return np.require(value, requirements="C")
 
 
+def _torch_layout(shape: tuple[int, ...], leaf: str) -> tuple[int, ...]:
+    """The PyTorch shape of a Flax leaf (kernels are stored transposed)."""
+    if leaf == "kernel" and len(shape) == 4:
+        return (shape[3], shape[2], shape[0], shape[1])
+    if leaf == "kernel" and len(shape) == 2:
+        return (shape[1], shape[0])
+    return tuple(shape)
+
+
 def _to_flax_leaf(value: np.ndarray, leaf: str, expected_shape: tuple[int, ...], name: str) -> np.ndarray:
+    given = tuple(value.shape)
     if leaf == "kernel":
-        if value.ndim == 4 and len(expected_shape) == 2:
+        if value.ndim == 4 and len(expected_shape) == 2 and value.shape[2:] == (1, 1):
             # A 1x1 convolution stored where the Flax module uses a dense layer.
-            if value.shape[2:] != (1, 1):
-                raise ConversionError(f"{name}: cannot use a {value.shape[2:]} convolution as a dense kernel")
             value = value[:, :, 0, 0]
         if value.ndim == 4:
             value = value.transpose(2, 3, 1, 0)
@@ -71,7 +79,7 @@ def _to_flax_leaf(value: np.ndarray, leaf: str, expected_shape: tuple[int, ...],
             value = value.T
     if tuple(value.shape) != tuple(expected_shape):
         raise ConversionError(
-            f"{name}: checkpoint shape {tuple(value.shape)} does not fit the model's {tuple(expected_shape)} (as {leaf})"
+            f"{name}: checkpoint shape {given} does not fit the model's {_torch_layout(tuple(expected_shape), leaf)}"
         )
     return _contiguous(value)
 
