@@ -1,0 +1,83 @@
+"""Images per second: ablate_jax's compiled sampler against diffusers' PyTorch pipeline.
+
+Both run the same weights, sampler, steps, guidance and batch on this machine's CPU, in one
+process, alternating rounds so that machine noise hits both alike. The last line is
+``speedup_vs_torch=<x>`` (ablate_jax images/s divided by PyTorch images/s).
+
+    make bench                      # or: .venv/bin/python bench/sampling.py --model=small
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # tiny reference models
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="small", help="'tiny', 'small' (random SD1-shaped) or a diffusers folder")
+    ap.add_argument("--sampler", default="dpmpp_2m", choices=["ddim", "dpmpp_2m"])
+    ap.add_argument("--steps", type=int, default=25)
+    ap.add_argument("--guidance", type=float, default=6.0)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+
+    import jax
+    import numpy as np
+    import torch
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    from ablate_jax import sharding
+    from ablate_jax.models import load_pipeline
+    from ablate_jax.sampling import SamplingConfig, generate
+
+    if args.model in ("tiny", "small"):
+        from tiny_models import save_tiny_pipeline
+
+        path = save_tiny_pipeline(Path(tempfile.mkdtemp()) / args.model, kind="sd1", size=args.model)
+    else:
+        path = Path(args.model)
+
+    pipe = load_pipeline(path)
+    ref = StableDiffusionPipeline.from_pretrained(path, safety_checker=None)
+    sched_cls = DDIMScheduler if args.sampler == "ddim" else DPMSolverMultistepScheduler
+    ref.scheduler = sched_cls.from_config(ref.scheduler.config)
+    ref.set_progress_bar_config(disable=True)
+    prompts = [f"a photo of a cat, variation {i}" for i in range(args.batch)]
+    cfg = SamplingConfig(sampler=args.sampler, num_steps=args.steps, guidance_scale=args.guidance)
+    # One device: the comparison is per machine, and PyTorch uses all cores in one process.
+    mesh = sharding.make_mesh(jax.devices()[:1])
+
+    def run_jax() -> None:
+        generate(pipe, pipe.params, prompts, jax.random.key(0), cfg, mesh=mesh, batch_size=args.batch)
+
+    def run_torch() -> None:
+        with torch.no_grad():
+            ref(prompts, num_inference_steps=args.steps, guidance_scale=args.guidance, output_type="np")
+
+    run_jax()  # compile once, outside the timed rounds
+    run_torch()
+    times = {"ablate_jax": [], "torch": []}
+    for _ in range(args.rounds):
+        for name, fn in (("ablate_jax", run_jax), ("torch", run_torch)):
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    ips = {k: args.batch / float(np.median(v)) for k, v in times.items()}
+    print(f"model={args.model} sampler={args.sampler} steps={args.steps} guidance={args.guidance} batch={args.batch} "
+          f"torch_threads={torch.get_num_threads()}")
+    for k, v in ips.items():
+        print(f"{k:>10}: {v:8.2f} images/s (median of {args.rounds})")
+    print(f"speedup_vs_torch={ips['ablate_jax'] / ips['torch']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
