@@ -12,7 +12,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["ablate_jax", "ablate_jax.*"]),
     include_package_data=True,
-    package_data={"ablate_jax": ["prompts/*.txt", "toy/assets/**/*"]},
+    package_data={"ablate_jax": ["prompts/*.txt", "prompts/eval/*.txt", "toy/assets/*/*", "toy/assets/*/*/*"]},
     install_requires=[
         "jax>=0.10.2",
         "flax>=0.12.8",
