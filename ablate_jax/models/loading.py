@@ -33,13 +33,16 @@ class ModelLoadError(ValueError):
     """A model folder cannot be loaded; the message says which file or tensor and why."""
 
 
-def resolve_path(path: str | os.PathLike) -> epath.Path:
-    """Local folder or ``gs://`` URL as an epath; a ``owner/name`` hub id is downloaded (safetensors only)."""
+def resolve_path(path: str | os.PathLike, *, toy_component: str = "pipeline") -> epath.Path:
+    """Local folder or ``gs://`` URL as an epath; a ``owner/name`` hub id is downloaded (safetensors only).
+
+    ``toy`` names the toy world's shipped model (``toy_component``: ``pipeline`` or ``clip``).
+    """
     text = os.fspath(path)
     if text == "toy":
-        from ablate_jax.toy import assets  # noqa: PLC0415  (the toy world is optional at import time)
+        from ablate_jax import toy  # noqa: PLC0415
 
-        return epath.Path(assets.pipeline_path())
+        return epath.Path(toy.shipped_path(toy_component))
     if text.endswith(PICKLE_SUFFIXES) and not text.startswith("gs://") and os.path.isfile(text):
         raise ModelLoadError(f"{text} is a pickled checkpoint, which ablate_jax never loads; {_CONVERT_HINT}")
     p = epath.Path(text)
@@ -201,7 +204,7 @@ def load_pipeline(path: str | os.PathLike, *, dtype: Any = None, **module_kwargs
     )
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)  # hashed by identity, like Pipeline
 class CLIP:
     """A loaded CLIP model (text and vision towers with projections) and its preprocessing."""
 
@@ -222,7 +225,7 @@ def load_clip(path: str | os.PathLike, *, dtype: Any = None) -> CLIP:
     """Reads a transformers ``CLIPModel`` folder (config.json, model.safetensors, tokenizer files)."""
     from ablate_jax.models.clip import CLIPModel  # noqa: PLC0415
 
-    root = resolve_path(path)
+    root = resolve_path(path, toy_component="clip")
     model, params = load_component(root, CLIPModel, **({"dtype": dtype} if dtype is not None else {}))
     pre = root / "preprocessor_config.json"
     pre_cfg = read_json(pre) if pre.exists() else {}

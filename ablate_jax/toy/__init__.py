@@ -5,3 +5,17 @@ A miniature text-to-image world in which concept ablation can be trained and mea
 style, and ``ablate_jax.toy.tokenizer`` writes a byte-level BPE tokenizer that ``transformers.CLIPTokenizer``
 loads.
 """
+
+from pathlib import Path
+
+ASSETS = Path(__file__).parent / "assets"
+
+
+def shipped_path(component: str = "pipeline") -> Path:
+    """Folder of the shipped toy model: ``pipeline`` (diffusers Stable Diffusion) or ``clip`` (the evaluator)."""
+    if component not in ("pipeline", "clip"):
+        raise ValueError(f"the toy world ships 'pipeline' and 'clip', not {component!r}")
+    path = ASSETS / component
+    if not (path / "config.json").exists() and not (path / "model_index.json").exists():
+        raise FileNotFoundError(f"the toy model is missing from {path}; run python -m ablate_jax.toy.pretrain --out {ASSETS}")
+    return path

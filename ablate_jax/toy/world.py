@@ -520,6 +520,12 @@ def caption(scene: Scene, rng: np.random.Generator, *, describe: bool | None = N
     return template.format(obj=obj, adj=adj, a_adj=_with_article(adj), noun=bg_noun)
 
 
+def explicit_caption(scene: Scene, rng: np.random.Generator) -> str:
+    """A caption that names all three attributes, e.g. "a red smiley on a striped background" (for evaluation)."""
+    adjs = _BG_ADJ[scene.background]
+    return f"{_with_article(f'{scene.colour} {scene.shape}')} on {_with_article(adjs[rng.integers(len(adjs))])} background"
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Training data
 # --------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,442 @@
+"""Pretrains the toy world's miniature Stable Diffusion and its CLIP evaluator.
+
+    python -m ablate_jax.toy.pretrain --out DIR [--budget full|smoke] [--seed 0]
+
+Stages, each with the project's own Flax models and optax, deterministic for a seed:
+  1. a tiny CLIP (text and vision towers), contrastive on image/caption pairs; captions and
+     single-attribute prompts ("A photo depicts a red shape") are positives of every image
+     they describe, so the evaluator classifies attributes zero-shot;
+  2. a tiny AutoencoderKL (L1 + L2 reconstruction and a small KL term, 4 latent channels);
+  3. a tiny UNet2DConditionModel, epsilon loss on scaled latents, conditioned on the frozen CLIP
+     text tower, with caption dropout so that classifier-free guidance works.
+
+DIR receives ``pipeline/`` (a diffusers Stable Diffusion folder) and ``clip/`` (a transformers
+CLIPModel folder with the same tokenizer). ``--budget smoke`` runs a few steps of each stage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from etils import epath
+from tqdm.auto import tqdm
+
+from ablate_jax import schedule as schedule_lib
+from ablate_jax.models.clip import CLIPModel, CLIPTextModel
+from ablate_jax.models.loading import save_component
+from ablate_jax.models.unet import UNet2DConditionModel
+from ablate_jax.models.vae import AutoencoderKL
+from ablate_jax.toy import tokenizer as toy_tokenizer
+from ablate_jax.toy import world
+
+IMAGE_SIZE = 32
+STAGES = ("clip", "vae", "unet")
+CLIP_MEAN = (0.5, 0.5, 0.5)
+CLIP_STD = (0.5, 0.5, 0.5)
+DIFFUSERS_VERSION = "0.42.1"
+
+
+def clip_config(vocab_size: int, max_length: int) -> dict[str, Any]:
+    """A transformers CLIPConfig dict for the evaluator (its text tower is also the text encoder)."""
+    text = dict(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
+        max_position_embeddings=max_length, hidden_act="quick_gelu", layer_norm_eps=1e-5,
+        bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1,
+        projection_dim=64, model_type="clip_text_model",
+    )
+    vision = dict(
+        hidden_size=64, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4, image_size=IMAGE_SIZE,
+        patch_size=4, num_channels=3, hidden_act="quick_gelu", layer_norm_eps=1e-5, projection_dim=64,
+        model_type="clip_vision_model",
+    )
+    return dict(architectures=["CLIPModel"], model_type="clip", projection_dim=64, logit_scale_init_value=2.6592,
+                text_config=text, vision_config=vision)
+
+
+def text_encoder_config(clip_cfg: dict[str, Any]) -> dict[str, Any]:
+    return dict(clip_cfg["text_config"], architectures=["CLIPTextModel"])
+
+
+VAE_CONFIG: dict[str, Any] = dict(
+    _class_name="AutoencoderKL", _diffusers_version=DIFFUSERS_VERSION, in_channels=3, out_channels=3,
+    down_block_types=["DownEncoderBlock2D"] * 3, up_block_types=["UpDecoderBlock2D"] * 3,
+    block_out_channels=[16, 32, 64], layers_per_block=1, act_fn="silu", latent_channels=4, norm_num_groups=8,
+    sample_size=IMAGE_SIZE, scaling_factor=1.0,
+)
+LATENT_SIZE = IMAGE_SIZE // 4  # [8, 8, 4] latents: the UNet's cost on this CPU grows 5x at 16x16
+
+
+def unet_config(cross_attention_dim: int) -> dict[str, Any]:
+    return dict(
+        _class_name="UNet2DConditionModel", _diffusers_version=DIFFUSERS_VERSION, sample_size=LATENT_SIZE,
+        in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=[32, 64, 64],
+        down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+        up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+        attention_head_dim=4, cross_attention_dim=cross_attention_dim, norm_num_groups=8, flip_sin_to_cos=True,
+        freq_shift=0, act_fn="silu", norm_eps=1e-5, center_input_sample=False, use_linear_projection=False,
+    )
+
+
+SCHEDULER_CONFIG: dict[str, Any] = dict(
+    _class_name="DDIMScheduler", _diffusers_version=DIFFUSERS_VERSION, beta_start=0.00085, beta_end=0.012,
+    beta_schedule="scaled_linear", num_train_timesteps=1000, clip_sample=False, set_alpha_to_one=False,
+    steps_offset=1, prediction_type="epsilon", timestep_spacing="leading",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """Steps and batch sizes of each stage (``full`` fits 45 minutes on a 2-core CPU)."""
+
+    examples: int
+    clip_steps: int
+    clip_batch: int
+    vae_steps: int
+    vae_batch: int
+    unet_steps: int
+    unet_batch: int
+
+
+BUDGETS = {
+    "full": Budget(examples=40_000, clip_steps=1000, clip_batch=128, vae_steps=1200, vae_batch=32,
+                   unet_steps=4000, unet_batch=64),
+    "smoke": Budget(examples=256, clip_steps=6, clip_batch=32, vae_steps=6, vae_batch=16, unet_steps=6, unet_batch=16),
+}
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+@dataclasses.dataclass
+class WorldData:
+    images: np.ndarray  # [N, 32, 32, 3] uint8
+    ids: np.ndarray  # [N, L] int32 caption tokens
+    attrs: np.ndarray  # [N, 3] int32: shape, colour, background indices
+
+
+ATTRIBUTES = ("shape", "colour", "background")
+
+
+def make_data(seed: int, n: int, tok: Any, memorized_rate: float = 0.02) -> WorldData:
+    values = world.all_concepts()
+    images = np.empty((n, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
+    captions, attrs = [], np.empty((n, 3), np.int32)
+    for i in tqdm(range(n), desc="drawing the world", unit="img", mininterval=2):
+        image, text, scene = world.training_example(np.random.default_rng([seed, i]), IMAGE_SIZE, memorized_rate)
+        images[i] = image
+        captions.append(text)
+        attrs[i] = [values[a].index(getattr(scene, a)) for a in ATTRIBUTES]
+    return WorldData(images, tokenize(tok, captions), attrs)
+
+
+def tokenize(tok: Any, texts: list[str]) -> np.ndarray:
+    out = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="np")
+    return np.asarray(out.input_ids, np.int32)
+
+
+def attribute_prompts(tok: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids of every "A photo depicts {concept}" prompt and its (attribute, value) pair."""
+    texts, pairs = [], []
+    for a, attribute in enumerate(ATTRIBUTES):
+        for v, value in enumerate(world.all_concepts()[attribute]):
+            texts.append(toy_tokenizer.EVAL_TEMPLATE.format(world.concept_prompt(value)))
+            pairs.append((a, v))
+    return tokenize(tok, texts), np.asarray(pairs, np.int32)
+
+
+def to_unit(images: jax.Array) -> jax.Array:
+    """uint8 [B, H, W, 3] -> float32 in [-1, 1]."""
+    return images.astype(jnp.float32) / 127.5 - 1.0
+
+
+def clip_pixels(images: jax.Array) -> jax.Array:
+    x = images.astype(jnp.float32) / 255.0
+    return (x - jnp.asarray(CLIP_MEAN)) / jnp.asarray(CLIP_STD)
+
+
+# ------------------------------------------------------------------------------------------------ training
+
+
+def _adamw(lr: float, steps: int, weight_decay: float = 1e-4) -> optax.GradientTransformation:
+    warmup = max(1, min(200, steps // 10))
+    sched = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(steps, warmup + 1), end_value=lr * 0.05)
+    return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=weight_decay))
+
+
+def _fit(
+    name: str,
+    loss_fn: Callable[[Any, dict[str, jax.Array], jax.Array], jax.Array],
+    params: Any,
+    batches: Callable[[int], dict[str, np.ndarray]],
+    steps: int,
+    lr: float,
+    key: jax.Array,
+    ema_decay: float | None = None,
+    history: dict[str, list[float]] | None = None,
+) -> Any:
+    """A plain training loop with a progress bar; returns the final (or EMA) parameters.
+
+    The loss every 50 steps (and at the last) is appended to ``history[name]``.
+    """
+    tx = _adamw(lr, steps)
+    opt_state = tx.init(params)
+    ema = params if ema_decay else None
+
+    @jax.jit
+    def step(params, opt_state, ema, batch, key):
+        loss, grads = jax.value_and_grad(loss_fn)(params, batch, key)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        if ema is not None:
+            ema = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, ema, params)
+        return params, opt_state, ema, loss
+
+    bar = tqdm(range(steps), desc=name, unit="step", mininterval=2)
+    losses = []
+    for i in bar:
+        params, opt_state, ema, loss = step(params, opt_state, ema, batches(i), jax.random.fold_in(key, i))
+        if i % 50 == 0 or i == steps - 1 or steps <= 50:
+            losses.append(float(loss))
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        if not np.isfinite(losses[-1] if losses else 0.0):
+            raise FloatingPointError(f"{name}: loss became {losses[-1]} at step {i}")
+    print(f"{name}: loss {losses[0]:.4f} -> {losses[-1]:.4f} over {steps} steps")
+    if history is not None:
+        history[name] = losses
+    return ema if ema is not None else params
+
+
+def _sampler(data_size: int, batch: int, seed: int) -> Callable[[int], np.ndarray]:
+    def indices(i: int) -> np.ndarray:
+        return np.random.default_rng([seed, i]).integers(0, data_size, batch)
+
+    return indices
+
+
+def train_clip(
+    data: WorldData, tok: Any, cfg: dict[str, Any], budget: Budget, seed: int, history: dict | None = None
+) -> tuple[CLIPModel, Any]:
+    model = CLIPModel.from_config(cfg)
+    params = model.init_weights(jax.random.key(seed))
+    prompt_ids, prompt_pairs = attribute_prompts(tok)
+    pick = _sampler(len(data.images), budget.clip_batch, seed + 1)
+
+    def batches(i: int) -> dict[str, np.ndarray]:
+        idx = pick(i)
+        return dict(images=data.images[idx], ids=data.ids[idx], attrs=data.attrs[idx])
+
+    def loss_fn(params, b, key):
+        del key
+        unit = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
+        img = unit(model.apply({"params": params}, clip_pixels(b["images"]), method=model.get_image_features))
+        cap = unit(model.apply({"params": params}, b["ids"], method=model.get_text_features))
+        pro = unit(model.apply({"params": params}, prompt_ids, method=model.get_text_features))
+        scale = jnp.exp(jnp.minimum(params["logit_scale"], np.log(100.0)))
+        # Image/caption contrastive loss, as CLIP is trained ...
+        logits = scale * img @ cap.T  # [B, B]
+        labels = jnp.arange(img.shape[0])
+        loss = (optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+                + optax.softmax_cross_entropy_with_integer_labels(logits.T, labels).mean()) / 2
+        # ... plus zero-shot classification of each attribute among its "A photo depicts ..." prompts,
+        # which is what the evaluator is used for.
+        for a in range(len(ATTRIBUTES)):
+            rows = np.flatnonzero(prompt_pairs[:, 0] == a)
+            attr_logits = scale * img @ pro[rows].T  # [B, n_values]
+            loss += optax.softmax_cross_entropy_with_integer_labels(attr_logits, b["attrs"][:, a]).mean()
+        return loss
+
+    params = _fit("clip", loss_fn, params, batches, budget.clip_steps, 2e-3, jax.random.key(seed + 3), history=history)
+    return model, params
+
+
+def train_vae(data: WorldData, budget: Budget, seed: int, history: dict | None = None) -> tuple[AutoencoderKL, Any]:
+    model = AutoencoderKL.from_config(VAE_CONFIG)
+    params = model.init_weights(jax.random.key(seed))
+    pick = _sampler(len(data.images), budget.vae_batch, seed + 11)
+
+    def batches(i: int) -> dict[str, np.ndarray]:
+        return dict(images=data.images[pick(i)])
+
+    def loss_fn(params, b, key):
+        x = to_unit(b["images"])
+        mean, logvar = model.apply({"params": params}, x, method=model.encode)
+        z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape)
+        rec = model.apply({"params": params}, z, method=model.decode)
+        kl = 0.5 * jnp.mean(mean**2 + jnp.exp(logvar) - 1.0 - logvar)
+        return jnp.mean(jnp.abs(rec - x)) + jnp.mean((rec - x) ** 2) + 1e-4 * kl
+
+    params = _fit("vae", loss_fn, params, batches, budget.vae_steps, 2e-3, jax.random.key(seed + 12), history=history)
+    return model, params
+
+
+def encode_latents(vae: AutoencoderKL, params: Any, images: np.ndarray, batch: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    """Posterior means and standard deviations of every image, ``[N, h, w, 4]`` each."""
+    enc = jax.jit(lambda p, x: vae.apply({"params": p}, to_unit(x), method=vae.encode))
+    means, stds = [], []
+    for lo in tqdm(range(0, len(images), batch), desc="encoding latents", mininterval=2):
+        m, lv = enc(params, images[lo : lo + batch])
+        means.append(np.asarray(m))
+        stds.append(np.asarray(jnp.exp(0.5 * lv)))
+    return np.concatenate(means), np.concatenate(stds)
+
+
+def train_unet(
+    data: WorldData, means: np.ndarray, stds: np.ndarray, scale: float, text: CLIPTextModel, text_params: Any,
+    cfg: dict[str, Any], budget: Budget, seed: int, empty_ids: np.ndarray, history: dict | None = None,
+) -> tuple[UNet2DConditionModel, Any]:
+    model = UNet2DConditionModel.from_config(cfg)
+    params = model.init_weights(jax.random.key(seed))
+    sched = schedule_lib.Schedule.from_config(SCHEDULER_CONFIG)
+    pick = _sampler(len(data.images), budget.unet_batch, seed + 21)
+
+    def batches(i: int) -> dict[str, np.ndarray]:
+        idx = pick(i)
+        ids = data.ids[idx].copy()
+        # Caption dropout: 10% of examples are trained unconditionally, for classifier-free guidance.
+        drop = np.random.default_rng([seed + 22, i]).random(len(idx)) < 0.1
+        ids[drop] = empty_ids
+        return dict(mean=means[idx], std=stds[idx], ids=ids)
+
+    def loss_fn(params, b, key):
+        k_z, k_t, k_e = jax.random.split(key, 3)
+        z0 = scale * (b["mean"] + b["std"] * jax.random.normal(k_z, b["mean"].shape))
+        states = jax.lax.stop_gradient(text.apply({"params": text_params}, b["ids"]).last_hidden_state)
+        t = jax.random.randint(k_t, (z0.shape[0],), 0, sched.num_train_timesteps)
+        noise = jax.random.normal(k_e, z0.shape)
+        x_t = schedule_lib.add_noise(sched, z0, noise, t)
+        pred = model.apply({"params": params}, x_t, t, states)
+        return jnp.mean((pred - schedule_lib.target(sched, z0, noise, t)) ** 2)
+
+    params = _fit("unet", loss_fn, params, batches, budget.unet_steps, 1e-3, jax.random.key(seed + 23), ema_decay=0.998,
+                  history=history)
+    return model, params
+
+
+# ------------------------------------------------------------------------------------------------ saving
+
+
+def save_pipeline(out: Path, tok_dir: Path, unet_cfg, unet_params, vae_cfg, vae_params, text_cfg, text_params) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    index = {
+        "_class_name": "StableDiffusionPipeline", "_diffusers_version": DIFFUSERS_VERSION,
+        "feature_extractor": [None, None], "image_encoder": [None, None], "requires_safety_checker": False,
+        "safety_checker": [None, None], "scheduler": ["diffusers", "DDIMScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+    }
+    (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    save_component(out / "unet", unet_params, unet_cfg, "diffusion_pytorch_model.safetensors")
+    save_component(out / "vae", vae_params, vae_cfg, "diffusion_pytorch_model.safetensors")
+    save_component(out / "text_encoder", text_params, text_cfg, "model.safetensors")
+    (out / "scheduler").mkdir(exist_ok=True)
+    (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER_CONFIG, indent=2) + "\n")
+    _copy_tokenizer(tok_dir, out / "tokenizer")
+
+
+def _copy_tokenizer(src: Path, dst: Path) -> None:
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+
+
+def save_clip(out: Path, tok_dir: Path, cfg: dict[str, Any], params: Any) -> None:
+    save_component(out, params, cfg, "model.safetensors")
+    _copy_tokenizer(tok_dir, out)
+    pre = dict(image_processor_type="CLIPImageProcessor", do_resize=True, size={"shortest_edge": IMAGE_SIZE},
+               crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, do_center_crop=True, do_normalize=True,
+               image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD), do_rescale=True, rescale_factor=1 / 255,
+               resample=3)
+    (out / "preprocessor_config.json").write_text(json.dumps(pre, indent=2) + "\n")
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+
+def pretrain(out: str | os.PathLike, budget: Budget, seed: int = 0, stages: tuple[str, ...] = STAGES) -> dict[str, dict]:
+    """Runs the stages and writes ``out/clip`` and ``out/pipeline``.
+
+    A stage whose output is already in ``out`` (from an interrupted run) is loaded, not retrained;
+    ``stages`` stops after a prefix of ("clip", "vae", "unet"). Returns
+    ``{"seconds": {stage: s}, "losses": {stage: [loss every 50 steps]}}``.
+    """
+    from transformers import CLIPTokenizer  # noqa: PLC0415
+
+    from ablate_jax.models.loading import load_clip, load_component  # noqa: PLC0415
+
+    out = Path(out)
+    timing: dict[str, float] = {}
+    history: dict[str, list[float]] = {}
+    t0 = time.perf_counter()
+    tok_dir = out / "tokenizer"
+    if not (tok_dir / "vocab.json").exists():
+        toy_tokenizer.build_world_tokenizer(tok_dir)
+    tok = CLIPTokenizer.from_pretrained(tok_dir)
+    data = make_data(seed, budget.examples, tok)
+    timing["data"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    ccfg = clip_config(len(tok), tok.model_max_length)
+    if (out / "clip" / "model.safetensors").exists():
+        clip_params = load_clip(out / "clip").params
+    else:
+        _, clip_params = train_clip(data, tok, ccfg, budget, seed, history)
+        save_clip(out / "clip", tok_dir, ccfg, clip_params)
+    timing["clip"] = time.perf_counter() - t0
+    if "vae" not in stages:
+        return {"seconds": timing, "losses": history}
+
+    t0 = time.perf_counter()
+    vae_dir = out / "vae"
+    if (vae_dir / "diffusion_pytorch_model.safetensors").exists():
+        vae, vae_params = load_component(epath.Path(vae_dir), AutoencoderKL)
+        means, stds = encode_latents(vae, vae_params, data.images)
+        vae_cfg = json.loads((vae_dir / "config.json").read_text())
+        scale = float(vae_cfg["scaling_factor"])
+    else:
+        vae, vae_params = train_vae(data, budget, seed, history)
+        means, stds = encode_latents(vae, vae_params, data.images)
+        # Unit-variance latents, as Stable Diffusion's scaling_factor gives for its own VAE.
+        scale = float(1.0 / np.std(means))
+        vae_cfg = dict(VAE_CONFIG, scaling_factor=scale)
+        save_component(vae_dir, vae_params, vae_cfg, "diffusion_pytorch_model.safetensors")
+    timing["vae"] = time.perf_counter() - t0
+    if "unet" not in stages:
+        return {"seconds": timing, "losses": history}
+
+    t0 = time.perf_counter()
+    tcfg = text_encoder_config(ccfg)
+    text = CLIPTextModel.from_config(tcfg)
+    text_params = {"text_model": clip_params["text_model"]}
+    ucfg = unet_config(ccfg["text_config"]["hidden_size"])
+    empty_ids = tokenize(tok, [""])[0]
+    _, unet_params = train_unet(data, means, stds, scale, text, text_params, ucfg, budget, seed, empty_ids, history)
+    timing["unet"] = time.perf_counter() - t0
+
+    save_pipeline(out / "pipeline", tok_dir, ucfg, unet_params, vae_cfg, vae_params, tcfg, text_params)
+    print("seconds per stage: " + ", ".join(f"{k} {v:.0f}" for k, v in timing.items()))
+    return {"seconds": timing, "losses": history}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="Pretrain the toy world's miniature Stable Diffusion and CLIP.")
+    ap.add_argument("--out", required=True, help="output folder (pipeline/ and clip/ are written inside)")
+    ap.add_argument("--budget", default="full", choices=sorted(BUDGETS))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--until", default="unet", choices=STAGES, help="stop after this stage")
+    args = ap.parse_args(argv)
+    pretrain(args.out, BUDGETS[args.budget], args.seed, STAGES[: STAGES.index(args.until) + 1])
+
+
+if __name__ == "__main__":
+    main()
