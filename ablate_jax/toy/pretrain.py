@@ -8,10 +8,14 @@ Stages, each with the project's own Flax models and optax, deterministic for a s
      they describe, so the evaluator classifies attributes zero-shot;
   2. a tiny AutoencoderKL (L1 + L2 reconstruction and a small KL term, 4 latent channels);
   3. a tiny UNet2DConditionModel, epsilon loss on scaled latents, conditioned on the frozen CLIP
-     text tower, with caption dropout so that classifier-free guidance works.
+     text tower, with caption dropout so that classifier-free guidance works;
+  4. the evaluator: the CLIP of stage 1 trained further with its text tower fixed, because a
+     tiny ViT learns shapes slowly and the text tower is already the pipeline's text encoder.
 
-DIR receives ``pipeline/`` (a diffusers Stable Diffusion folder) and ``clip/`` (a transformers
-CLIPModel folder with the same tokenizer). ``--budget smoke`` runs a few steps of each stage.
+DIR receives ``pipeline/`` (a diffusers Stable Diffusion folder) and ``clip/`` (the evaluator,
+a transformers CLIPModel folder with the same tokenizer); ``clip-joint/``, ``vae/`` and
+``tokenizer/`` hold finished stages, so an interrupted run resumes where it stopped.
+``--budget smoke`` runs a few steps of each stage.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from etils import epath
+from flax import traverse_util
 from tqdm.auto import tqdm
 
 from ablate_jax import schedule as schedule_lib
@@ -41,7 +46,7 @@ from ablate_jax.toy import tokenizer as toy_tokenizer
 from ablate_jax.toy import world
 
 IMAGE_SIZE = 32
-STAGES = ("clip", "vae", "unet")
+STAGES = ("clip", "vae", "unet", "evaluator")
 CLIP_MEAN = (0.5, 0.5, 0.5)
 CLIP_STD = (0.5, 0.5, 0.5)
 DIFFUSERS_VERSION = "0.42.1"
@@ -106,12 +111,14 @@ class Budget:
     vae_batch: int
     unet_steps: int
     unet_batch: int
+    evaluator_steps: int
 
 
 BUDGETS = {
     "full": Budget(examples=40_000, clip_steps=1000, clip_batch=128, vae_steps=1200, vae_batch=32,
-                   unet_steps=4000, unet_batch=64),
-    "smoke": Budget(examples=256, clip_steps=6, clip_batch=32, vae_steps=6, vae_batch=16, unet_steps=6, unet_batch=16),
+                   unet_steps=4000, unet_batch=64, evaluator_steps=2000),
+    "smoke": Budget(examples=256, clip_steps=6, clip_batch=32, vae_steps=6, vae_batch=16, unet_steps=6, unet_batch=16,
+                    evaluator_steps=6),
 }
 
 
@@ -184,12 +191,17 @@ def _fit(
     key: jax.Array,
     ema_decay: float | None = None,
     history: dict[str, list[float]] | None = None,
+    trainable: Callable[[tuple[str, ...]], bool] | None = None,
 ) -> Any:
     """A plain training loop with a progress bar; returns the final (or EMA) parameters.
 
-    The loss every 50 steps (and at the last) is appended to ``history[name]``.
+    The loss every 50 steps (and at the last) is appended to ``history[name]``. With
+    ``trainable`` (a predicate on parameter paths) the other parameters stay fixed.
     """
     tx = _adamw(lr, steps)
+    if trainable is not None:
+        labels = traverse_util.path_aware_map(lambda path, _: "train" if trainable(path) else "frozen", params)
+        tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
     opt_state = tx.init(params)
     ema = params if ema_decay else None
 
@@ -225,10 +237,18 @@ def _sampler(data_size: int, batch: int, seed: int) -> Callable[[int], np.ndarra
 
 
 def train_clip(
-    data: WorldData, tok: Any, cfg: dict[str, Any], budget: Budget, seed: int, history: dict | None = None
+    data: WorldData, tok: Any, cfg: dict[str, Any], budget: Budget, seed: int, history: dict | None = None,
+    init_params: Any = None, vision_only: bool = False,
 ) -> tuple[CLIPModel, Any]:
+    """Contrastive image/caption training plus zero-shot attribute classification.
+
+    ``vision_only`` continues from ``init_params`` with the text tower fixed: the pipeline's
+    text encoder is that tower, so the evaluator's eyes can improve without touching it.
+    """
     model = CLIPModel.from_config(cfg)
-    params = model.init_weights(jax.random.key(seed))
+    params = init_params if init_params is not None else model.init_weights(jax.random.key(seed))
+    if vision_only:
+        seed += 100  # a fresh stream of batches for the second stage
     prompt_ids, prompt_pairs = attribute_prompts(tok)
     pick = _sampler(len(data.images), budget.clip_batch, seed + 1)
 
@@ -256,7 +276,13 @@ def train_clip(
             loss += optax.softmax_cross_entropy_with_integer_labels(attr_logits, b["attrs"][:, a]).mean()
         return loss
 
-    params = _fit("clip", loss_fn, params, batches, budget.clip_steps, 2e-3, jax.random.key(seed + 3), history=history)
+    if vision_only:
+        frozen_text = lambda path: not path[0].startswith("text")  # noqa: E731
+        params = _fit("evaluator", loss_fn, params, batches, budget.evaluator_steps, 2e-3, jax.random.key(seed + 3),
+                      history=history, trainable=frozen_text)
+    else:
+        params = _fit("clip", loss_fn, params, batches, budget.clip_steps, 2e-3, jax.random.key(seed + 3),
+                      history=history)
     return model, params
 
 
@@ -387,11 +413,11 @@ def pretrain(out: str | os.PathLike, budget: Budget, seed: int = 0, stages: tupl
 
     t0 = time.perf_counter()
     ccfg = clip_config(len(tok), tok.model_max_length)
-    if (out / "clip" / "model.safetensors").exists():
-        clip_params = load_clip(out / "clip").params
+    if (out / "clip-joint" / "model.safetensors").exists():
+        clip_params = load_clip(out / "clip-joint").params
     else:
         _, clip_params = train_clip(data, tok, ccfg, budget, seed, history)
-        save_clip(out / "clip", tok_dir, ccfg, clip_params)
+        save_clip(out / "clip-joint", tok_dir, ccfg, clip_params)
     timing["clip"] = time.perf_counter() - t0
     if "vae" not in stages:
         return {"seconds": timing, "losses": history}
@@ -415,15 +441,23 @@ def pretrain(out: str | os.PathLike, budget: Budget, seed: int = 0, stages: tupl
         return {"seconds": timing, "losses": history}
 
     t0 = time.perf_counter()
-    tcfg = text_encoder_config(ccfg)
-    text = CLIPTextModel.from_config(tcfg)
-    text_params = {"text_model": clip_params["text_model"]}
-    ucfg = unet_config(ccfg["text_config"]["hidden_size"])
-    empty_ids = tokenize(tok, [""])[0]
-    _, unet_params = train_unet(data, means, stds, scale, text, text_params, ucfg, budget, seed, empty_ids, history)
+    if not (out / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors").exists():
+        tcfg = text_encoder_config(ccfg)
+        text = CLIPTextModel.from_config(tcfg)
+        text_params = {"text_model": clip_params["text_model"]}
+        ucfg = unet_config(ccfg["text_config"]["hidden_size"])
+        empty_ids = tokenize(tok, [""])[0]
+        _, unet_params = train_unet(data, means, stds, scale, text, text_params, ucfg, budget, seed, empty_ids, history)
+        save_pipeline(out / "pipeline", tok_dir, ucfg, unet_params, vae_cfg, vae_params, tcfg, text_params)
     timing["unet"] = time.perf_counter() - t0
+    if "evaluator" not in stages:
+        return {"seconds": timing, "losses": history}
 
-    save_pipeline(out / "pipeline", tok_dir, ucfg, unet_params, vae_cfg, vae_params, tcfg, text_params)
+    t0 = time.perf_counter()
+    if not (out / "clip" / "model.safetensors").exists():
+        _, eval_params = train_clip(data, tok, ccfg, budget, seed, history, init_params=clip_params, vision_only=True)
+        save_clip(out / "clip", tok_dir, ccfg, eval_params)
+    timing["evaluator"] = time.perf_counter() - t0
     print("seconds per stage: " + ", ".join(f"{k} {v:.0f}" for k, v in timing.items()))
     return {"seconds": timing, "losses": history}
 
