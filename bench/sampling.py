@@ -4,7 +4,7 @@ Both run the same weights, sampler, steps, guidance and batch on this machine's 
 process, alternating rounds so that machine noise hits both alike. The last line is
 ``speedup_vs_torch=<x>`` (ablate_jax images/s divided by PyTorch images/s).
 
-    make bench                      # or: .venv/bin/python bench/sampling.py --model=small
+    make bench                      # or: .venv/bin/python bench/sampling.py --model=small --batch=8
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # tiny r
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="small", help="'tiny', 'small' (random SD1-shaped) or a diffusers folder")
+    ap.add_argument("--model", default="toy",
+                    help="'toy' (the shipped toy model), 'tiny' or 'small' (random SD1-shaped) or a diffusers folder")
     ap.add_argument("--sampler", default="dpmpp_2m", choices=["ddim", "dpmpp_2m"])
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--guidance", type=float, default=6.0)
@@ -43,6 +44,10 @@ def main() -> None:
         from tiny_models import save_tiny_pipeline
 
         path = save_tiny_pipeline(Path(tempfile.mkdtemp()) / args.model, kind="sd1", size=args.model)
+    elif args.model == "toy":
+        from ablate_jax import toy
+
+        path = toy.shipped_path("pipeline")
     else:
         path = Path(args.model)
 

@@ -7,31 +7,11 @@ from ablate_jax import evaluate
 from ablate_jax.models import load_clip
 
 
-def _tiny_clip(path):
-    from tiny_models import write_clip_tokenizer
-    from transformers import CLIPConfig, CLIPModel
-
-    torch.manual_seed(0)
-    cfg = CLIPConfig(
-        text_config=dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=32, patch_size=8),
-        projection_dim=16,
-    )
-    model = CLIPModel(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    model.save_pretrained(path, safe_serialization=True)
-    write_clip_tokenizer(path)
-    return model
-
-
 def test_clip_score_and_accuracy_match_transformers(tmp_path):
+    from tiny_models import save_tiny_clip
     from transformers import CLIPTokenizer
 
-    ref = _tiny_clip(tmp_path)
+    ref = save_tiny_clip(tmp_path)
     clip = load_clip(tmp_path)
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)

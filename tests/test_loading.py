@@ -10,14 +10,10 @@ import pytest
 import safetensors.numpy
 import torch
 from flax import traverse_util
+from tiny_models import rel_err
 
 from ablate_jax.models import ModelLoadError, load_clip, load_pipeline, save_torch_safetensors
 from ablate_jax.models.convert import flax_to_torch
-
-
-def rel_err(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 @pytest.fixture(params=["sd1", "sd2"])
@@ -88,24 +84,9 @@ def test_flax_to_safetensors_to_flax_is_bit_identical(tiny_sd2_path, tmp_path):
 
 
 def test_load_clip_matches_transformers(tmp_path):
-    from tiny_models import write_clip_tokenizer
-    from transformers import CLIPConfig, CLIPModel
+    from tiny_models import save_tiny_clip
 
-    torch.manual_seed(0)
-    cfg = CLIPConfig(
-        text_config=dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=32, patch_size=8),
-        projection_dim=16,
-    )
-    ref = CLIPModel(cfg).eval()
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    ref.save_pretrained(tmp_path, safe_serialization=True)
-    write_clip_tokenizer(tmp_path)
-
+    ref = save_tiny_clip(tmp_path)
     clip = load_clip(tmp_path)
     assert clip.image_size == 32
     ids = clip.tokenizer(["A photo depicts a cat"], padding="max_length", max_length=77, return_tensors="np").input_ids

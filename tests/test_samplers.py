@@ -8,24 +8,13 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+from tiny_models import SD1_SCHEDULER, SD2_SCHEDULER
 
 from ablate_jax import samplers
 from ablate_jax.samplers import guided_model_fn, image_keys, sample, step_noise
 from ablate_jax.schedule import Schedule
 
-SD1 = {
-    "_class_name": "PNDMScheduler",
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "num_train_timesteps": 1000,
-    "set_alpha_to_one": False,
-    "steps_offset": 1,
-    "skip_prk_steps": True,
-    "clip_sample": False,
-    "trained_betas": None,
-}
-SD2 = {**SD1, "_class_name": "DDIMScheduler", "prediction_type": "v_prediction"}
+SD1, SD2 = SD1_SCHEDULER, SD2_SCHEDULER
 # What a pipeline's scheduler.config carries once loaded: the PNDM default spacing made explicit.
 SD1_LEADING = {**SD1, "timestep_spacing": "leading"}
 CONFIGS = {"epsilon": SD1, "v_prediction": SD2}

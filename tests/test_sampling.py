@@ -4,6 +4,7 @@ import jax
 import numpy as np
 import pytest
 import torch
+from tiny_models import rel_err
 
 from ablate_jax import sharding
 from ablate_jax.models import load_pipeline
@@ -15,11 +16,6 @@ PROMPTS = ["a grumpy cat on a sofa", "a painting of a harbour at dusk", "a red r
 @pytest.fixture(scope="module")
 def pipes(tiny_sd1_path, tiny_sd2_path):
     return {"sd1": (tiny_sd1_path, load_pipeline(tiny_sd1_path)), "sd2": (tiny_sd2_path, load_pipeline(tiny_sd2_path))}
-
-
-def rel_err(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 @pytest.mark.parametrize("kind", ["sd1", "sd2"])  # epsilon and v prediction

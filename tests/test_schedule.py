@@ -6,24 +6,13 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+from tiny_models import SD1_SCHEDULER, SD2_SCHEDULER
 
 from ablate_jax import samplers
 from ablate_jax.schedule import Schedule, add_noise, predict_eps, predict_x0, target, velocity
 
 # Stable Diffusion 1.x scheduler_config.json (a PNDM config); 2.x adds v-prediction.
-SD1 = {
-    "_class_name": "PNDMScheduler",
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "num_train_timesteps": 1000,
-    "set_alpha_to_one": False,
-    "steps_offset": 1,
-    "skip_prk_steps": True,
-    "clip_sample": False,
-    "trained_betas": None,
-}
-SD2 = {**SD1, "_class_name": "DDIMScheduler", "prediction_type": "v_prediction"}
+SD1, SD2 = SD1_SCHEDULER, SD2_SCHEDULER
 LINEAR = {"beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02, "num_train_timesteps": 1000}
 COSINE = {"beta_schedule": "squaredcos_cap_v2", "num_train_timesteps": 1000}
 

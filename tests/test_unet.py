@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import json
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import safetensors.numpy
 import torch
 from diffusers import UNet2DConditionModel as TorchUNet
 from flax import traverse_util
-from tiny_models import _perturb
+from tiny_models import _perturb, rel_err, save_and_read
 
 from ablate_jax.models.convert import flax_path_to_torch_key, flax_to_torch, torch_to_flax
 from ablate_jax.models.unet import UNet2DConditionModel
@@ -68,10 +65,6 @@ CONFIGS = {
 }
 
 
-def rel_err(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.linalg.norm(np.asarray(a, np.float64) - b) / np.linalg.norm(np.asarray(b, np.float64)))
-
-
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """Per config: (diffusers config dict, PyTorch state dict as NumPy, torch model)."""
@@ -80,10 +73,7 @@ def saved(tmp_path_factory):
         torch.manual_seed(0)
         model = TorchUNet(**cfg).eval()
         _perturb(model, seed=1)
-        path = tmp_path_factory.mktemp(f"unet-{kind}")
-        model.save_pretrained(path, safe_serialization=True)
-        config = json.loads((path / "config.json").read_text())
-        tensors = safetensors.numpy.load_file(path / "diffusion_pytorch_model.safetensors")
+        config, tensors = save_and_read(model, tmp_path_factory.mktemp(f"unet-{kind}"), "diffusion_pytorch_model.safetensors")
         out[kind] = (config, tensors, model)
     return out
 

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import json
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import safetensors.numpy
 import torch
 from diffusers import AutoencoderKL as TorchVAE
 from flax import traverse_util
-from tiny_models import _perturb
+from tiny_models import _perturb, rel_err, save_and_read
 
 from ablate_jax.models.convert import flax_path_to_torch_key, flax_to_torch, torch_to_flax
 from ablate_jax.models.vae import AutoencoderKL
@@ -45,10 +42,6 @@ CONFIGS = {
 INPUT_SIZES = {"two_blocks": (16, 16), "three_blocks": (16, 12)}
 
 
-def rel_err(a, b) -> float:
-    return float(np.linalg.norm(np.asarray(a, np.float64) - b) / np.linalg.norm(np.asarray(b, np.float64)))
-
-
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """Per config: (diffusers config dict, PyTorch state dict as NumPy, torch model)."""
@@ -57,10 +50,7 @@ def saved(tmp_path_factory):
         torch.manual_seed(0)
         model = TorchVAE(**cfg).eval()
         _perturb(model, seed=2)
-        path = tmp_path_factory.mktemp(f"vae-{kind}")
-        model.save_pretrained(path, safe_serialization=True)
-        config = json.loads((path / "config.json").read_text())
-        tensors = safetensors.numpy.load_file(path / "diffusion_pytorch_model.safetensors")
+        config, tensors = save_and_read(model, tmp_path_factory.mktemp(f"vae-{kind}"), "diffusion_pytorch_model.safetensors")
         out[kind] = (config, tensors, model)
     return out
 

@@ -9,6 +9,21 @@ from pathlib import Path
 
 import numpy as np
 
+# Stable Diffusion 1.x's scheduler_config.json (a PNDM config); 2.x adds v-prediction.
+SD1_SCHEDULER = {
+    "_class_name": "PNDMScheduler",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+    "skip_prk_steps": True,
+    "clip_sample": False,
+    "trained_betas": None,
+}
+SD2_SCHEDULER = {**SD1_SCHEDULER, "_class_name": "DDIMScheduler", "prediction_type": "v_prediction"}
+
 BPE_FILE = Path(__file__).parent / "data" / "clip-bpe" / "bpe_simple_vocab_16e6.txt.gz"
 VOCAB_SIZE = 49408
 
@@ -56,6 +71,43 @@ def write_clip_tokenizer(out: str | os.PathLike) -> Path:
         json.dumps({"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>"})
     )
     return out
+
+
+def rel_err(a, b) -> float:
+    """``||a - b|| / ||b||`` in float64."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def save_and_read(model, path: str | os.PathLike, weights_name: str) -> tuple[dict, dict[str, np.ndarray]]:
+    """``save_pretrained`` (safetensors), then (config.json as a dict, the tensors as NumPy)."""
+    import safetensors.numpy
+
+    path = Path(path)
+    model.save_pretrained(path, safe_serialization=True)
+    return json.loads((path / "config.json").read_text()), safetensors.numpy.load_file(path / weights_name)
+
+
+def save_tiny_clip(path: str | os.PathLike, seed: int = 0):
+    """A random tiny transformers CLIPModel (32x32 images) with SD's tokenizer, saved to ``path``."""
+    import torch
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(seed)
+    cfg = CLIPConfig(
+        text_config=dict(vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=32, patch_size=8),
+        projection_dim=16,
+    )
+    model = CLIPModel(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model.save_pretrained(path, safe_serialization=True)
+    write_clip_tokenizer(path)
+    return model
 
 
 def _perturb(model, seed: int, std: float = 0.05) -> None:

@@ -467,7 +467,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", required=True, help="output folder (pipeline/ and clip/ are written inside)")
     ap.add_argument("--budget", default="full", choices=sorted(BUDGETS))
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--until", default="unet", choices=STAGES, help="stop after this stage")
+    ap.add_argument("--until", default=STAGES[-1], choices=STAGES, help="stop after this stage")
     args = ap.parse_args(argv)
     pretrain(args.out, BUDGETS[args.budget], args.seed, STAGES[: STAGES.index(args.until) + 1])
 
