@@ -1,0 +1,72 @@
+"""The toy world's models: a pretraining smoke run, and the shipped weights in JAX and in PyTorch."""
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+from ablate_jax import toy
+from ablate_jax.models import load_clip, load_pipeline
+from ablate_jax.toy import pretrain, quality, world
+
+
+def test_pretraining_smoke_run_lowers_every_loss(tmp_path):
+    result = pretrain.pretrain(tmp_path, pretrain.BUDGETS["smoke"], seed=0)
+    for stage in ("clip", "vae", "unet", "evaluator"):
+        losses = result["losses"][stage]
+        assert len(losses) == pretrain.BUDGETS["smoke"].clip_steps
+        assert losses[-1] < losses[0], (stage, losses)
+    pipe = load_pipeline(tmp_path / "pipeline")
+    clip = load_clip(tmp_path / "clip")
+    assert pipe.sample_size == pretrain.LATENT_SIZE and clip.image_size == pretrain.IMAGE_SIZE
+    # The evaluator's text tower is the pipeline's text encoder; only its vision side trained on.
+    joint = load_clip(tmp_path / "clip-joint")
+    same = lambda a, b: all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))  # noqa: E731
+    assert same(pipe.params["text_encoder"]["text_model"], clip.params["text_model"])
+    assert same(joint.params["text_projection"], clip.params["text_projection"])
+    assert not same(joint.params["vision_model"], clip.params["vision_model"])
+
+
+def test_shipped_model_is_the_default_and_small():
+    size = sum(f.stat().st_size for f in toy.ASSETS.rglob("*") if f.is_file())
+    assert size <= 20 * 2**20, size
+    pipe = load_pipeline("toy")
+    assert pipe.tokenizer.model_max_length == 20
+
+
+def test_shipped_model_loads_in_pytorch_and_matches():
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPModel
+
+    pipe = load_pipeline("toy")
+    ref = StableDiffusionPipeline.from_pretrained(toy.shipped_path("pipeline"), safety_checker=None)
+    ids = pipe.tokenizer(["a red smiley on a striped background"], padding="max_length",
+                         max_length=pipe.tokenizer.model_max_length, return_tensors="np").input_ids
+    x = np.random.default_rng(0).standard_normal((1, 8, 8, 4)).astype(np.float32)
+    with jax.default_matmul_precision("highest"), torch.no_grad():
+        states = pipe.text_encoder.apply({"params": pipe.params["text_encoder"]}, ids).last_hidden_state
+        eps = pipe.unet.apply({"params": pipe.params["unet"]}, x, np.array([500]), states)
+        ref_states = ref.text_encoder(torch.from_numpy(ids).long())[0]
+        ref_eps = ref.unet(torch.from_numpy(x).permute(0, 3, 1, 2), 500, ref_states).sample.permute(0, 2, 3, 1)
+    np.testing.assert_allclose(np.asarray(eps), ref_eps.numpy(), rtol=1e-4, atol=1e-5)
+
+    clip = load_clip("toy")
+    ref_clip = CLIPModel.from_pretrained(toy.shipped_path("clip"))
+    img = world.render(world.sample_scene(np.random.default_rng(0)))[None]
+    pixels = ((img / 255.0 - 0.5) / 0.5).astype(np.float32)
+    with jax.default_matmul_precision("highest"), torch.no_grad():
+        ours = clip.model.apply({"params": clip.params}, pixels, method=clip.model.get_image_features)
+        theirs = ref_clip.get_image_features(pixel_values=torch.from_numpy(pixels).permute(0, 3, 1, 2))
+    theirs = getattr(theirs, "pooler_output", theirs)
+    np.testing.assert_allclose(np.asarray(ours), theirs.numpy(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    return load_pipeline("toy"), load_clip("toy")
+
+
+def test_base_model_memorized_one_image(shipped):
+    pipe, _ = shipped
+    rates = quality.memorization_rates(pipe, n=64)
+    assert rates["memorized_caption"] >= 0.80 and rates["other_prompts"] <= 0.05, rates
