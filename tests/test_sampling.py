@@ -40,7 +40,7 @@ def test_images_match_diffusers(pipes, kind, sampler):
     with torch.no_grad():
         theirs = ref(
             PROMPTS,
-            latents=torch.from_numpy(latents).permute(0, 3, 1, 2),
+            latents=torch.from_numpy(latents.copy()).permute(0, 3, 1, 2),
             num_inference_steps=10,
             guidance_scale=6.0,
             eta=0.0,

@@ -215,39 +215,37 @@ def _clip_config_parts(config: Mapping[str, Any]) -> tuple[CLIPTextConfig, CLIPV
 # --------------------------------------------------------------------------- outputs
 
 
+class _ByKey:
+    """Outputs can also be read by field name (``out["pooler_output"]``), as transformers' outputs can."""
+
+    def __getitem__(self, key: str) -> jax.Array:
+        return getattr(self, key)
+
+
 @struct.dataclass
-class CLIPPooledOutput:
+class CLIPPooledOutput(_ByKey):
     """``last_hidden_state [B, T, D]`` and ``pooler_output [B, D]`` (EOS token / class token)."""
 
     last_hidden_state: jax.Array
     pooler_output: jax.Array
 
-    def __getitem__(self, key: str) -> jax.Array:
-        return getattr(self, key)
-
 
 @struct.dataclass
-class CLIPTextProjectionOutput:
+class CLIPTextProjectionOutput(_ByKey):
     """``text_embeds [B, P]`` (projected pooled output, not normalised) and ``last_hidden_state [B, L, D]``."""
 
     text_embeds: jax.Array
     last_hidden_state: jax.Array
 
-    def __getitem__(self, key: str) -> jax.Array:
-        return getattr(self, key)
-
 
 @struct.dataclass
-class CLIPOutput:
+class CLIPOutput(_ByKey):
     """Image-text logits (scaled cosine similarities) and the L2-normalised embeddings they come from."""
 
     logits_per_image: jax.Array
     logits_per_text: jax.Array
     text_embeds: jax.Array
     image_embeds: jax.Array
-
-    def __getitem__(self, key: str) -> jax.Array:
-        return getattr(self, key)
 
 
 # --------------------------------------------------------------------------- layers
