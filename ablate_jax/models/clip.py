@@ -534,42 +534,26 @@ class CLIPTextModel(nn.Module):
         return self.init(rng, _dummy_ids(self.config))["params"]
 
 
-class CLIPTextModelWithProjection(nn.Module):
+class CLIPTextModelWithProjection(CLIPTextModel):
     """CLIP text encoder plus ``text_projection`` (no bias) of the pooled output, as used by SDXL's second encoder.
 
-    ``apply({'params': p}, input_ids, attention_mask=None)`` -> CLIPTextProjectionOutput.
+    ``apply({'params': p}, input_ids, attention_mask=None)`` -> CLIPTextProjectionOutput. The config's
+    ``projection_dim`` sizes the projection.
     """
 
-    config: CLIPTextConfig
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    attention_implementation: str | None = None
-
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any], **kwargs: Any) -> CLIPTextModelWithProjection:
-        """Builds the model from a transformers CLIPTextConfig json dict (``projection_dim`` sizes the projection)."""
-        return cls(CLIPTextConfig.from_dict(config), **kwargs)
-
     def setup(self) -> None:
-        self.text_model = CLIPTextTransformer(
-            self.config,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            attention_implementation=self.attention_implementation,
-        )
+        super().setup()
         self.text_projection = nn.Dense(
             self.config.projection_dim, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype
         )
 
-    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> CLIPTextProjectionOutput:
+    def __call__(  # type: ignore[override]
+        self, input_ids: jax.Array, attention_mask: jax.Array | None = None
+    ) -> CLIPTextProjectionOutput:
         out = self.text_model(input_ids, attention_mask)
         return CLIPTextProjectionOutput(
             text_embeds=self.text_projection(out.pooler_output), last_hidden_state=out.last_hidden_state
         )
-
-    def init_weights(self, rng: jax.Array) -> Params:
-        """Freshly initialised params (no ``{'params': ...}`` wrapper)."""
-        return self.init(rng, _dummy_ids(self.config))["params"]
 
 
 class CLIPVisionModel(nn.Module):
