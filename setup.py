@@ -27,6 +27,7 @@ setup(
         "huggingface_hub>=2.4.0",
         "etils[epath]>=1.15.0",
         "tensorflow-cpu>=2.21.0",
+        "tensorboard>=2.21.0",  # clu's metric writers import it
         "tensorflow-datasets>=4.9.10",
         "array_record>=0.8.6",
         "pillow>=13.0.0",

@@ -1,22 +1,51 @@
-"""Measures of what an ablation removed and what it kept (DESIGN.md section 1.8).
+"""Measures of what an ablation removed and what it kept (DESIGN.md section 1.8), and the
+evaluation of a run against its base model.
 
 - CLIP score: ``2.5 * max(cos(image, text), 0)`` with the text "A photo depicts {concept}";
 - CLIP accuracy: the fraction of images whose score for a set's concept beats the score for
   the concept it is compared with (the anchor, or for the anchor set the target);
 - KID: unbiased polynomial-kernel MMD between two sets of CLIP image features;
+- memorization: the fraction of samples of the memorized caption that copy the memorized image;
 - zero-shot classification among a list of concepts (used to check the toy world).
+
+:func:`evaluate_run` draws every evaluation set with the base and the ablated parameters
+(same prompts, same seeds), measures both and writes ``eval/report.json``, ``eval/report.md``
+and a before/after grid per set (rendering and the schema are in :mod:`ablate_jax.report`)::
+
+    python -m ablate_jax.evaluate --config=configs/xattn.py --workdir=runs/smiley [--base_only]
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+import zlib
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
+from tqdm.auto import tqdm
 
-from ablate_jax.models.loading import CLIP
+from ablate_jax import concepts, sharding
+from ablate_jax.config import concept_from_config, eval_sampling
+from ablate_jax.models.loading import CLIP, Pipeline, load_clip, load_pipeline
+from ablate_jax.report import before_after_grid, check_report, format_table, grid_filename, write_report
+from ablate_jax.sampling import SamplingConfig, generate
+
+__all__ = [
+    "EVAL_TEMPLATE", "EvalError", "check_report", "clip_accuracy", "clip_scores", "concept_text", "evaluate_run",
+    "format_table", "image_embeddings", "kid", "set_key", "set_prompts", "text_embeddings", "toy_phrase",
+    "write_report", "zero_shot",
+]
 
 EVAL_TEMPLATE = "A photo depicts {}"
 
@@ -58,8 +87,11 @@ def image_embeddings(clip: CLIP, images: np.ndarray, batch: int = 64) -> np.ndar
 def text_embeddings(clip: CLIP, texts: Sequence[str]) -> np.ndarray:
     """Unit-norm CLIP text embeddings ``[N, P]``."""
     tok = clip.tokenizer
-    ids = tok(list(texts), padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="np")
-    return np.asarray(_text_fn(clip)(clip.params, np.asarray(ids.input_ids, np.int32)))
+    texts = list(texts)
+    # Padded to a multiple of 8 texts, so a few compiled shapes serve every call.
+    padded = texts + [""] * (-len(texts) % 8)
+    ids = tok(padded, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="np")
+    return np.asarray(_text_fn(clip)(clip.params, np.asarray(ids.input_ids, np.int32)))[: len(texts)]
 
 
 def concept_text(concept: str) -> str:
@@ -82,28 +114,366 @@ def zero_shot(image_emb: np.ndarray, class_emb: np.ndarray) -> np.ndarray:
     return np.argmax(image_emb @ class_emb.T, axis=1)
 
 
-def kid(x: np.ndarray, y: np.ndarray, subsets: int = 50, subset_size: int = 100, seed: int = 0) -> float:
+def kid(x: np.ndarray, y: np.ndarray, subsets: int = 50, subset_size: int = 100, seed: int = 0,
+        paired: bool = False) -> float:
     """Kernel inception distance between feature sets ``x [N, D]`` and ``y [M, D]``.
 
     The unbiased MMD^2 with the cubic polynomial kernel ``(x.y / D + 1)^3``, averaged over random
     subsets of ``min(subset_size, N, M)`` rows of each.
+
+    ``paired``: row ``i`` of ``x`` and of ``y`` belong together (the same seed drawn by two models;
+    needs ``N == M``). Then each subset takes the same rows of both, and the cross term leaves out
+    the pairs ``(i, i)``: they are not independent draws, and with them a set compared with itself
+    scores below zero. Without them the estimate is still unbiased, and exactly 0 for ``x == y``.
     """
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    if paired and len(x) != len(y):
+        raise ValueError(f"paired KID needs as many rows in each set, got {len(x)} and {len(y)}")
     d = x.shape[1]
     m = min(subset_size, len(x), len(y))
     if m < 2:
         raise ValueError("KID needs at least 2 samples in each set")
+    if m == len(x) == len(y):
+        subsets = 1  # every subset would hold all rows, and the estimate ignores their order
     rng = np.random.default_rng(seed)
     total = 0.0
     for _ in range(subsets):
-        a = x[rng.choice(len(x), m, replace=False)]
-        b = y[rng.choice(len(y), m, replace=False)]
+        rows = rng.choice(len(x), m, replace=False)
+        a = x[rows]
+        b = y[rows if paired else rng.choice(len(y), m, replace=False)]
         kxx = (a @ a.T / d + 1) ** 3
         kyy = (b @ b.T / d + 1) ** 3
         kxy = (a @ b.T / d + 1) ** 3
-        total += (
-            (kxx.sum() - np.trace(kxx)) / (m * (m - 1))
-            + (kyy.sum() - np.trace(kyy)) / (m * (m - 1))
-            - 2 * kxy.mean()
-        )
+        cross = (kxy.sum() - np.trace(kxy)) / (m * (m - 1)) if paired else kxy.mean()
+        total += (kxx.sum() - np.trace(kxx)) / (m * (m - 1)) + (kyy.sum() - np.trace(kyy)) / (m * (m - 1)) - 2 * cross
     return float(total / subsets)
+
+
+# ------------------------------------------------------------------------------------------------ a run
+
+# Evaluation noise comes from fold_in(key(seed), EVAL_STREAM): a stream of its own, so evaluation
+# images never repeat the anchor (training) images drawn from the same seed.
+EVAL_STREAM = 0x6576616C  # "eval" in ASCII
+
+
+class EvalError(ValueError):
+    """An evaluation that cannot run as configured; the message says why."""
+
+
+def set_key(seed: int, set_name: str) -> jax.Array:
+    """The sampling key of one evaluation set.
+
+    Keyed by the set's name, not its position, so a set's images do not depend on which other
+    sets are evaluated (``eval.sets``) or on sets a caller adds.
+    """
+    key = jax.random.fold_in(jax.random.key(seed), EVAL_STREAM)
+    return jax.random.fold_in(key, zlib.crc32(set_name.encode()) & 0x7FFFFFFF)
+
+
+def set_prompts(eval_set: concepts.EvalSet, n: int) -> list[str]:
+    """The prompt of each of ``n`` images: image ``j`` uses prompt ``j % len(prompts)``."""
+    return [eval_set.prompts[j % len(eval_set.prompts)] for j in range(n)]
+
+
+def toy_phrase(concept: str) -> str:
+    """How the toy evaluator is asked about a concept: in the toy captions' own words ("a smiley").
+
+    The toy CLIP learned from captions with articles; "A photo depicts smiley" is not a sentence it saw.
+    """
+    from ablate_jax.toy import world  # noqa: PLC0415
+
+    try:
+        return world.concept_prompt(concept)
+    except ValueError:
+        pass
+    if concept.split(" ", 1)[0].lower() in ("a", "an", "the"):
+        return concept
+    return ("an " if concept[:1].lower() in "aeiou" else "a ") + concept
+
+
+def _select_sets(concept: concepts.Concept, names: str, extra: Sequence[concepts.EvalSet]) -> list[concepts.EvalSet]:
+    available = {s.name: s for s in concept.eval_sets}
+    wanted = [n.strip() for n in names.split(";") if n.strip()]
+    unknown = [n for n in wanted if n not in available]
+    if unknown:
+        raise EvalError(f"unknown evaluation set {unknown[0]!r}; the concept has {', '.join(available) or 'none'}")
+    sets = [available[n] for n in wanted] if wanted else list(concept.eval_sets)
+    for s in extra:
+        if s.role not in concepts.ROLES:
+            raise EvalError(f"evaluation set {s.name!r}: role must be one of {', '.join(concepts.ROLES)}, got {s.role!r}")
+        if s.name in {t.name for t in sets}:
+            raise EvalError(f"evaluation set {s.name!r} is given twice")
+        sets.append(s)
+    if not sets:
+        raise EvalError("the concept has no evaluation sets")
+    for s in sets:
+        if not s.prompts:
+            raise EvalError(f"evaluation set {s.name!r} has no prompts")
+    return sets
+
+
+def _draw(pipeline: Pipeline, params: Mapping[str, Any], prompts: Sequence[str], key: jax.Array,
+          cfg: SamplingConfig, batch: int, mesh: jax.sharding.Mesh, bar: tqdm) -> np.ndarray:
+    # One generate call per batch (image i depends only on key and i, so splitting changes
+    # nothing) lets a single bar count every image of every set and model.
+    out = []
+    for lo in range(0, len(prompts), batch):
+        chunk = prompts[lo : lo + batch]
+        out.append(generate(pipeline, params, chunk, key, cfg, start_index=lo, batch_size=batch, mesh=mesh))
+        bar.update(len(chunk))
+    return np.concatenate(out)
+
+
+def _pair(base: float, ablated: float | None) -> dict[str, float | None]:
+    return {"base": float(base), "ablated": None if ablated is None else float(ablated)}
+
+
+def _loo_max_cosine(x: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    """For image i: the highest cosine to a reference image other than reference i (same seed)."""
+    sim = x @ ref.T
+    np.fill_diagonal(sim, -np.inf)
+    return sim.max(axis=1)
+
+
+def _memorization_detector(config: ml_collections.ConfigDict, clip: CLIP) -> tuple[str, float, Callable[..., np.ndarray]]:
+    """(method, threshold, similarity(images, embeddings, base_embeddings) -> [N])."""
+    if config.model == "toy":
+        from ablate_jax.toy import world  # noqa: PLC0415
+
+        return "toy_world", world.MEMORIZATION_THRESHOLD, lambda images, emb, base_emb: world.memorization_similarity(images)
+    threshold = float(config.eval.memorization_threshold)
+    if config.eval.memorized_image:
+        from PIL import Image  # noqa: PLC0415
+
+        path = Path(config.eval.memorized_image)
+        if not path.is_file():
+            raise EvalError(f"eval.memorized_image {path} does not exist")
+        with Image.open(path) as im:
+            ref = image_embeddings(clip, np.asarray(im.convert("RGB"))[None])[0]
+        return "clip_reference_image", threshold, lambda images, emb, base_emb: emb @ ref
+    # Without the picture itself, a memorized caption is recognised by the base model drawing
+    # the same image again and again: a sample counts as a copy when it nearly duplicates one of
+    # the base model's other samples of that caption.
+    return "clip_base_samples", threshold, lambda images, emb, base_emb: _loo_max_cosine(emb, base_emb)
+
+
+def evaluate_run(
+    config: ml_collections.ConfigDict,
+    workdir: str | os.PathLike,
+    *,
+    ablated_params: Mapping[str, Any] | None = None,
+    base_only: bool = False,
+    pipeline: Pipeline | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    progress: bool = True,
+    extra_sets: Sequence[concepts.EvalSet] = (),
+    clip: CLIP | None = None,
+) -> dict[str, Any]:
+    """Evaluates base against ablated parameters on every evaluation set; writes ``workdir/eval/``.
+
+    ``ablated_params``: a full params dict like ``pipeline.params`` (``unet``, ``vae``,
+    ``text_encoder``); required unless ``base_only``. ``pipeline`` and ``clip`` default to
+    ``config.model`` and ``config.eval.clip``. ``extra_sets`` are evaluated after the concept's
+    sets (``eval.sets`` does not filter them), e.g. a misspelling of the target with role
+    ``target_paraphrase``. Returns the report (schema in :mod:`ablate_jax.report`); the files
+    appear only once everything is measured, so a failed evaluation leaves the previous ones.
+    """
+    start = time.perf_counter()
+    if not base_only and ablated_params is None:
+        raise EvalError("no ablated parameters to evaluate; pass ablated_params or base_only=True")
+    e = config.eval
+    n = int(e.num_images)
+    if n < (1 if base_only else 2):
+        raise EvalError(f"eval.num_images must be at least {1 if base_only else 2} (KID compares sets), got {n}")
+    if e.grid_columns < 1:
+        raise EvalError(f"eval.grid_columns must be positive, got {e.grid_columns}")
+    concept = concept_from_config(config)
+    sets = _select_sets(concept, e.sets, extra_sets)
+    cfg = eval_sampling(config)
+    cfg.validate()
+    if pipeline is None:
+        if config.dtype not in ("float32", "bfloat16"):
+            raise EvalError(f"dtype must be float32 or bfloat16, got {config.dtype!r}")
+        pipeline = load_pipeline(config.model, dtype=jnp.bfloat16 if config.dtype == "bfloat16" else None)
+    clip = clip or load_clip(e.clip)
+    mesh = mesh or sharding.make_mesh()
+    n_dev = mesh.devices.size
+    # One compiled batch shape for every call, no larger than a set needs.
+    batch = min(sharding.round_up(int(e.batch_size), n_dev), sharding.round_up(n, n_dev))
+
+    phrase = toy_phrase if e.clip == "toy" else (lambda c: c)
+    target0 = concept.targets[0]
+    wanted = list(dict.fromkeys([concept.anchor, target0, *(s.concept for s in sets)]))
+    text = dict(zip(wanted, text_embeddings(clip, [concept_text(phrase(c)) for c in wanted]), strict=True))
+
+    models = {"base": pipeline.params} if base_only else {"base": pipeline.params, "ablated": ablated_params}
+    memorizing = concept.kind == "memorization"
+    if memorizing:
+        mem_method, mem_threshold, similarity = _memorization_detector(config, clip)
+        mem_sim: dict[str, list[np.ndarray]] = {m: [] for m in models}
+        mem_sets: list[str] = []
+
+    write = jax.process_index() == 0  # every process computes; one writes
+    eval_dir = Path(workdir) / "eval"
+    stage = None
+    if write:
+        Path(workdir).mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=".eval-", dir=workdir))
+    gen_bar = tqdm(total=len(sets) * len(models) * n, desc="generating", unit="img", disable=not progress)
+    score_bar = tqdm(total=len(sets), desc="scoring", unit="set", disable=not progress)
+    try:
+        report_sets: dict[str, Any] = {}
+        for s in sets:
+            prompts = set_prompts(s, n)
+            key = set_key(config.seed, s.name)
+            images, emb = {}, {}
+            for m, params in models.items():
+                gen_bar.set_postfix_str(f"{s.name}, {m}")
+                images[m] = _draw(pipeline, params, prompts, key, cfg, batch, mesh, gen_bar)
+            for m in models:
+                emb[m] = image_embeddings(clip, images[m])
+            versus = target0 if s.role == "anchor" else concept.anchor
+            ablated = "ablated" in models
+            entry: dict[str, Any] = {"role": s.role, "concept": s.concept, "n_images": n}
+            score = {m: float(np.mean(clip_scores(emb[m], text[s.concept][None]))) for m in models}
+            acc = {m: clip_accuracy(emb[m], text[s.concept], text[versus]) for m in models}
+            entry["clip_score"] = _pair(score["base"], score.get("ablated"))
+            entry["clip_accuracy"] = _pair(acc["base"], acc.get("ablated"))
+            if s.role in ("target", "target_paraphrase"):
+                # Strictly "anchor beats target": 1 - accuracy except where both scores clip to 0.
+                rate = {m: clip_accuracy(emb[m], text[concept.anchor], text[s.concept]) for m in models}
+                entry["anchor_rate"] = _pair(rate["base"], rate.get("ablated"))
+            entry["kid"] = (kid(emb["ablated"], emb["base"], subsets=int(e.kid_subsets),
+                                subset_size=int(e.kid_subset_size), seed=config.seed, paired=True) if ablated else None)
+            report_sets[s.name] = entry
+            if memorizing and s.role == "target":
+                mem_sets.append(s.name)
+                for m in models:
+                    mem_sim[m].append(np.asarray(similarity(images[m], emb[m], emb["base"]), np.float64))
+            if stage is not None:
+                grid = before_after_grid(images["base"], images.get("ablated"), prompts, int(e.grid_columns))
+                grid.save(stage / grid_filename(s.name))
+            score_bar.update(1)
+        gen_bar.close()
+        score_bar.close()
+
+        report: dict[str, Any] = {
+            "concept": {"kind": concept.kind, "targets": list(concept.targets), "anchor": concept.anchor,
+                        "preserve": list(concept.preserve), "preset": config.concept.preset},
+            "settings": {"model": str(config.model), "clip": str(e.clip), "seed": int(config.seed), "num_images": n,
+                         "sampler": cfg.sampler, "steps": cfg.num_steps, "guidance": float(cfg.guidance_scale),
+                         "eta": float(cfg.eta), "base_only": bool(base_only)},
+            "sets": report_sets,
+        }
+        if memorizing:
+            if not mem_sets:
+                raise EvalError("a memorization concept needs an evaluation set with role 'target'")
+            sim = {m: np.concatenate(v) for m, v in mem_sim.items()}
+            rate = {m: float(np.mean(v > mem_threshold)) for m, v in sim.items()}
+            report["memorization"] = {
+                "method": mem_method, "threshold": float(mem_threshold), "sets": mem_sets,
+                "n_images": int(len(sim["base"])),
+                "rate": _pair(rate["base"], rate.get("ablated")),
+                "similarity": _pair(float(np.mean(sim["base"])),
+                                    float(np.mean(sim["ablated"])) if "ablated" in sim else None),
+            }
+        report["timing_s"] = {"eval": time.perf_counter() - start}
+        check_report(report)
+        if stage is not None:
+            eval_dir.mkdir(parents=True, exist_ok=True)
+            for f in stage.iterdir():
+                os.replace(f, eval_dir / f.name)
+            write_report(report, eval_dir)
+        return report
+    finally:
+        gen_bar.close()
+        score_bar.close()
+        if stage is not None:
+            shutil.rmtree(stage, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------------ command line
+
+
+def _flags(argv: list[str]):
+    # A FlagValues of our own: train.py imports this module and defines its own --config.
+    # config_flags registers the --config.* overrides from the argv it is given at definition.
+    from absl import flags  # noqa: PLC0415
+    from ml_collections import config_flags  # noqa: PLC0415
+
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/xattn.py[:concept=toy_striped]",
+                                    flag_values=fv, sys_argv=argv)
+    flags.DEFINE_string("workdir", None, "the run's folder; results go to WORKDIR/eval/", flag_values=fv)
+    flags.DEFINE_bool("base_only", False, "evaluate the pretrained model alone (needs no checkpoint)", flag_values=fv)
+    flags.DEFINE_bool("progress", True, "show progress bars", flag_values=fv)
+    return fv
+
+
+def _one_line(err: BaseException) -> str:
+    """The line to show for ``err``: config_flags wraps a config file's error in its traceback text."""
+    lines = [ln.strip() for ln in str(err).strip().splitlines() if ln.strip()]
+    if not lines:
+        return type(err).__name__
+    if any(ln.startswith("Traceback (most recent call last)") for ln in lines):
+        match = re.match(r"^[\w.]+: (.*)$", lines[-1])  # "package.ConfigError: unknown config key 'x'"
+        return match.group(1) if match else lines[-1]
+    return lines[0]
+
+
+def _parse(argv: list[str]) -> tuple[ml_collections.ConfigDict, str, bool, bool]:
+    from absl import flags  # noqa: PLC0415
+
+    fv = _flags(argv)
+    try:
+        fv(argv)
+    except flags.Error as err:
+        raise EvalError(_one_line(err)) from err
+    except (SyntaxError, ImportError) as err:  # raised by the config file itself, unwrapped
+        raise EvalError(f"cannot load the config file ({type(err).__name__}: {err})") from err
+    except (AttributeError, KeyError) as err:  # an override such as --config.eval.nope=1
+        raise EvalError(f"unknown config key {str(err).strip(chr(34) + chr(39))!r} in a --config.* flag") from err
+    config = fv.config
+    if config is None:
+        raise EvalError("--config is required, e.g. --config=configs/xattn.py")
+    if not isinstance(config, ml_collections.ConfigDict):  # config_flags' stand-in for a file that failed to load
+        path = fv["config"].config_filename
+        if not os.path.isfile(path):
+            raise EvalError(f"config file {path} does not exist")
+        raise EvalError(f"cannot load the config file {path} ({_one_line(object.__getattribute__(config, '_error'))})")
+    if not fv.workdir:
+        raise EvalError("--workdir is required")
+    return config, fv.workdir, fv.base_only, fv.progress
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m ablate_jax.evaluate --config=... --workdir=... [--base_only]``; returns the exit status."""
+    errors: tuple[type[BaseException], ...] = (ValueError, OSError)
+    try:
+        config, workdir, base_only, progress = _parse(list(sys.argv if argv is None else argv))
+        pipeline = ablated = None
+        if not base_only:
+            try:
+                from ablate_jax import checkpointing  # noqa: PLC0415  (imports orbax; only runs with a checkpoint need it)
+            except ModuleNotFoundError as err:
+                if err.name != "ablate_jax.checkpointing":
+                    raise
+                raise EvalError("this installation cannot read training checkpoints; use --base_only") from err
+            errors += (getattr(checkpointing, "CheckpointError", ValueError),)
+            if config.dtype not in ("float32", "bfloat16"):
+                raise EvalError(f"dtype must be float32 or bfloat16, got {config.dtype!r}")
+            concept_from_config(config)  # a bad concept is reported as such, before any checkpoint is read
+            pipeline = load_pipeline(config.model, dtype=jnp.bfloat16 if config.dtype == "bfloat16" else None)
+            ablated = checkpointing.restore_ablated_params(config, workdir, pipeline)
+        report = evaluate_run(config, workdir, ablated_params=ablated, base_only=base_only, pipeline=pipeline,
+                              progress=progress)
+    except errors as err:
+        print(f"error: {_one_line(err)}", file=sys.stderr)
+        return 1
+    print(format_table(report))
+    print(f"wrote {Path(workdir) / 'eval'}: report.json, report.md and a grid per set")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

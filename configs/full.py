@@ -1,0 +1,19 @@
+"""Every UNet weight, for memorized images, with prior preservation.
+
+The memorized caption is mapped to what its paraphrases draw; the prior term keeps the
+paraphrases themselves unchanged.
+
+    python -m ablate_jax.train --config=configs/full.py
+    python -m ablate_jax.train --config=configs/full.py:model=/data/stable-diffusion-v1-4,concept.target="..."
+"""
+
+from ablate_jax.config import base_config, finalize
+
+
+def get_config(arg: str | None = None):
+    c = base_config()
+    c.params = "full"
+    c.concept.preset = "toy_memorized"
+    c.prior_weight = 1.0
+    c.train.rescale = False
+    return finalize(c, arg)
