@@ -81,6 +81,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.guidance = 6.0
     c.eval.batch_size = 64
     c.eval.clip = "toy"  # "toy", a folder or a hub id such as openai/clip-vit-large-patch14
+    c.eval.misspelling = True  # also evaluate a one-letter misspelling of the target
     c.eval.sets = ""  # ';'-separated set names to evaluate; empty: all of the concept's sets
     c.eval.kid_subsets = 100  # KID: random subsets averaged (clean-fid's default)
     c.eval.kid_subset_size = 1000  # KID: rows per subset, capped at the set's size

@@ -1,0 +1,703 @@
+"""Export an ablated model to PyTorch diffusers: a full pipeline folder and a small delta file.
+
+    python -m ablate_jax.export --config=configs/xattn.py --workdir=DIR [--overwrite]
+
+``workdir/export/`` holds:
+
+- ``pipeline/``: a complete diffusers Stable Diffusion folder that
+  ``diffusers.StableDiffusionPipeline.from_pretrained`` loads. Every file of the source model is
+  copied byte for byte, except the weight files of the components the run trained (the UNet
+  and/or the text encoder). Those are rewritten from the source files themselves: same file
+  names, same tensor names (with or without ``text_model.``), shapes (a 1x1 convolution stays
+  a convolution), dtypes and file metadata, with only the trained tensors replaced. Every tensor
+  the run did not train is therefore bit-identical to the source model's. Other weight files of
+  a trained component (an ``.fp16`` variant, pickles, Flax msgpack) would still hold the
+  pretrained weights, so they are left out.
+- ``delta.safetensors``: only what the run trained, under PyTorch names prefixed by the
+  pipeline component (``unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight``,
+  ``text_encoder.text_model.embeddings.token_embedding.weight``), in the shape and dtype of the
+  source model's tensor. For the ``embedding`` group only the trained rows are stored:
+  ``NAME@rows`` (``[k, hidden]``) and ``NAME@row_ids`` (int64 ``[k]``, the token ids); every
+  other row of the matrix is the base model's. String metadata (see :data:`DELTA_MARKER`):
+  ``base_model``, ``base_model_path``, ``base_sha256`` and ``base_tensors_sha256`` (the hashes
+  of exactly the base values the delta replaces, see :func:`tensor_sha256`), ``params_group``,
+  ``concept``, ``config_hash``, ``config`` and ``checkpoint_step``.
+- ``export.json``: the checkpoint step, config hash and hashes above, used to recognise an
+  export that is already done.
+
+Everything is written into ``workdir/export.tmp-XXXX`` and renamed to ``workdir/export`` at
+the end, so a crash never leaves a half-written export behind. An existing export of the same
+run (config hash and checkpoint step, and trained values when they are passed in) is kept; one
+of another run is replaced only with ``overwrite``.
+
+Applying a delta: :func:`apply_delta` (JAX params) and :func:`apply_delta_torch` (a loaded
+diffusers ``StableDiffusionPipeline``, in place). Both first check that the tensors about to be
+replaced hash to ``base_tensors_sha256``, so a delta is never applied to a base it was not
+computed from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import struct
+import sys
+import tempfile
+import uuid
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import safetensors.numpy
+from etils import epath
+
+from ablate_jax import checkpointing
+from ablate_jax import config as config_lib
+from ablate_jax import params as params_lib
+from ablate_jax.models import loading
+from ablate_jax.models.convert import ConversionError, flax_path_to_torch_key, flax_to_torch, torch_to_flax
+
+log = logging.getLogger("ablate_jax")
+
+EXPORT_DIR = "export"
+PIPELINE_DIR = "pipeline"
+DELTA_FILE = "delta.safetensors"
+RECORD_FILE = "export.json"
+DELTA_MARKER = "ablate_jax.delta"  # metadata key whose presence marks our delta files; value: format version
+DELTA_VERSION = "1"
+ROWS = "@rows"  # suffix of a delta tensor holding some rows of a base matrix ...
+ROW_IDS = "@row_ids"  # ... and of the int64 tensor naming those rows
+
+# Weight files that a trained component may carry besides the safetensors the loader reads; the
+# export leaves them out since they would still hold the pretrained weights.
+_OTHER_WEIGHT_SUFFIXES = loading.PICKLE_SUFFIXES + (".msgpack", ".h5", ".onnx", ".pb", ".gguf")
+
+
+class ExportError(ValueError):
+    """An export or a delta that cannot be written or applied; the message says why."""
+
+
+# ------------------------------------------------------------------------------------------------ hashing
+
+
+def tensor_sha256(value: np.ndarray) -> str:
+    """sha256 of a tensor's shape and raw little-endian C-order bytes.
+
+    The bytes are those of the dtype the delta stores, so the same tensor hashes the same in
+    NumPy, JAX and PyTorch.
+    """
+    value = np.require(value, requirements="C")
+    h = hashlib.sha256(("shape=" + ",".join(str(d) for d in value.shape) + ";").encode())
+    h.update(value.tobytes())
+    return h.hexdigest()
+
+
+def combined_sha256(per_tensor: Mapping[str, str]) -> str:
+    """One hash over named tensor hashes, independent of their order."""
+    h = hashlib.sha256()
+    for name in sorted(per_tensor):
+        h.update(f"{name}:{per_tensor[name]}\n".encode())
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------------------------------------ safetensors I/O
+
+
+def _read_metadata(path: epath.Path) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file, read from its header only (works on gs:// too)."""
+    with path.open("rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    return dict(header.get("__metadata__") or {})
+
+
+def _read_tensors(path: epath.Path) -> dict[str, np.ndarray]:
+    if os.fspath(path).startswith("gs://"):
+        return safetensors.numpy.load(path.read_bytes())
+    return safetensors.numpy.load_file(os.fspath(path))
+
+
+def read_delta(delta_path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """(tensors, metadata) of a delta file; refuses a file that is not an ablate_jax delta."""
+    path = epath.Path(delta_path)
+    if not path.exists():
+        raise ExportError(f"delta file {path} does not exist")
+    try:
+        meta = _read_metadata(path)
+        tensors = _read_tensors(path)
+    except Exception as e:  # noqa: BLE001  (any unreadable file is reported the same way)
+        raise ExportError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e})") from e
+    if meta.get(DELTA_MARKER) != DELTA_VERSION:
+        raise ExportError(f"{path} is not an ablate_jax delta (no {DELTA_MARKER}={DELTA_VERSION} in its metadata)")
+    for name in tensors:
+        if name.endswith(ROWS) and name[: -len(ROWS)] + ROW_IDS not in tensors:
+            raise ExportError(f"{path}: {name} has no {name[: -len(ROWS)] + ROW_IDS}")
+    return tensors, meta
+
+
+def _entries(tensors: Mapping[str, np.ndarray]) -> list[tuple[str, str, np.ndarray, np.ndarray | None]]:
+    """(component, name in the component, value, row ids or None) for each replaced tensor of a delta."""
+    out = []
+    for key in sorted(tensors):
+        if key.endswith(ROW_IDS):
+            continue
+        rows = None
+        full = key
+        if key.endswith(ROWS):
+            full = key[: -len(ROWS)]
+            rows = np.asarray(tensors[full + ROW_IDS], np.int64)
+        if "." not in full:
+            raise ExportError(f"delta tensor {key!r} does not start with a pipeline component (unet., text_encoder.)")
+        component, name = full.split(".", 1)
+        out.append((component, name, np.asarray(tensors[key]), rows))
+    return out
+
+
+def _base_hashes(meta: Mapping[str, str]) -> dict[str, str]:
+    try:
+        return dict(json.loads(meta["base_tensors_sha256"]))
+    except (KeyError, ValueError) as e:
+        raise ExportError("the delta has no readable base_tensors_sha256 in its metadata") from e
+
+
+def _check_base(name: str, base_value: np.ndarray, expected: str | None, meta: Mapping[str, str]) -> None:
+    if expected is None:
+        raise ExportError(f"the delta's metadata has no base hash for {name}")
+    if tensor_sha256(base_value) != expected:
+        raise ExportError(
+            f"the delta was made for another base model: {name} differs from the base it replaces "
+            f"(delta base: {meta.get('base_model', '?')}); pass base_identity_check=False to apply it anyway"
+        )
+
+
+# ------------------------------------------------------------------------------------------------ applying deltas
+
+
+def apply_delta(params: Mapping[str, Any], delta_path: str | os.PathLike, *,
+                base_identity_check: bool = True) -> dict[str, Any]:
+    """``params`` (a pipeline tree ``{"unet", "vae", "text_encoder"}``) with a delta written in.
+
+    Refuses with :class:`ExportError` (before changing anything) when a tensor to be replaced
+    does not hash to the delta's recorded base, unless ``base_identity_check`` is False. The
+    leaves the delta does not touch are returned as they are; ``params`` is not modified.
+    """
+    tensors, meta = read_delta(delta_path)
+    hashes = _base_hashes(meta) if base_identity_check else {}
+    flat = params_lib.flatten(params)
+    by_torch_name = {}
+    for path in flat:
+        component, rest = path.split("/", 1)
+        by_torch_name[f"{component}.{flax_path_to_torch_key(tuple(rest.split('/')))}"] = path
+    updates: dict[str, np.ndarray] = {}
+    for component, name, value, rows in _entries(tensors):
+        full = f"{component}.{name}"
+        path = by_torch_name.get(full)
+        if path is None:
+            raise ExportError(f"the delta's tensor {full} has no parameter in these params")
+        leaf = np.asarray(jax.device_get(flat[path]))
+        rel = path.split("/", 1)[1]
+        # The base in the delta's layout: PyTorch orientation, the delta's shape and dtype.
+        (base_torch,) = flax_to_torch(params_lib.unflatten({rel: leaf})).values()
+        if rows is not None:
+            base_torch = base_torch[rows]
+        if base_torch.size != value.size:
+            raise ExportError(f"{full}: the delta's shape {value.shape} does not fit the parameter's {base_torch.shape}")
+        base_torch = base_torch.reshape(value.shape).astype(value.dtype)
+        if base_identity_check:
+            _check_base(full + (ROWS if rows is not None else ""), base_torch,
+                        hashes.get(full + (ROWS if rows is not None else "")), meta)
+        if rows is not None:
+            new = leaf.copy()
+            new[rows] = value.astype(leaf.dtype)
+        else:
+            torch_name = flax_path_to_torch_key(tuple(rel.split("/")))
+            abstract = params_lib.unflatten({rel: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype)})
+            try:
+                (new,) = params_lib.flatten(torch_to_flax({torch_name: value}, abstract, what=component)).values()
+            except ConversionError as e:
+                raise ExportError(str(e)) from e
+        updates[path] = new
+    # Written only after every tensor passed its check: a refused delta changes nothing.
+    for path, new in updates.items():
+        flat[path] = jnp.asarray(new)
+    return params_lib.unflatten(flat)
+
+
+def apply_delta_torch(pipe: Any, delta_path: str | os.PathLike, *, base_identity_check: bool = True) -> Any:
+    """Writes a delta into a loaded diffusers pipeline (``pipe.unet``, ``pipe.text_encoder``) in place.
+
+    The same base check as :func:`apply_delta`; nothing is changed when it fails. Returns ``pipe``.
+    """
+    import torch  # noqa: PLC0415  (torch is needed only on the PyTorch side)
+
+    tensors, meta = read_delta(delta_path)
+    hashes = _base_hashes(meta) if base_identity_check else {}
+    plan = []
+    for component, name, value, rows in _entries(tensors):
+        module = getattr(pipe, component, None)
+        if module is None or not isinstance(module, torch.nn.Module):
+            raise ExportError(f"the pipeline has no component {component!r} for the delta's tensor {component}.{name}")
+        named = dict(module.named_parameters())
+        # transformers >= 5 names CLIPTextModel's parameters without the "text_model." level.
+        candidates = [name] + ([name.split(".", 1)[1]] if "." in name else [])
+        param = next((named[c] for c in candidates if c in named), None)
+        if param is None:
+            raise ExportError(f"{component} has no parameter {name}")
+        base = param.detach().to("cpu")
+        if rows is not None:
+            base = base[torch.from_numpy(rows)]
+        if base.numel() != value.size:
+            raise ExportError(f"{component}.{name}: the delta's shape {value.shape} does not fit {tuple(base.shape)}")
+        if base_identity_check:
+            key = f"{component}.{name}" + (ROWS if rows is not None else "")
+            want = torch.from_numpy(np.zeros((), value.dtype)).dtype
+            as_delta = base.to(want).reshape(value.shape).contiguous()
+            _check_base(key, _torch_bytes_view(as_delta, value.dtype), hashes.get(key), meta)
+        plan.append((param, torch.from_numpy(value.copy()), rows))
+    with torch.no_grad():
+        for param, value, rows in plan:
+            value = value.to(device=param.device, dtype=param.dtype)
+            if rows is not None:
+                param[torch.from_numpy(rows).to(param.device)] = value.reshape(len(rows), *param.shape[1:])
+            else:
+                param.copy_(value.reshape(param.shape))
+    return pipe
+
+
+def _torch_bytes_view(t: Any, dtype: np.dtype) -> np.ndarray:
+    """A CPU torch tensor as a NumPy array of ``dtype`` sharing its bytes (bfloat16 has no NumPy twin)."""
+    import torch  # noqa: PLC0415
+
+    raw = t.reshape(-1).view(torch.uint8).numpy()
+    return raw.view(dtype).reshape(tuple(t.shape))
+
+
+# ------------------------------------------------------------------------------------------------ export
+
+
+def _run_fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    return config_lib.fingerprint(config, *checkpointing.TRAIN_KEYS)
+
+
+def _checkpoint_step(config: ml_collections.ConfigDict, workdir: Path) -> int | None:
+    """The latest checkpoint step of the workdir, or None without checkpoints (no folder is created)."""
+    folder = checkpointing.checkpoints_dir(workdir)
+    if not folder.is_dir():
+        return None
+    checkpointing.check_fingerprint(config, workdir, write=False)
+    mngr = checkpointing.manager(workdir)
+    try:
+        return mngr.latest_step()
+    finally:
+        mngr.close()
+
+
+def _read_record(folder: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((folder / RECORD_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _host(value: Any) -> np.ndarray:
+    """A (possibly multi-host sharded) array as one NumPy array on this host."""
+    if isinstance(value, jax.Array) and not value.is_fully_addressable:
+        from jax.experimental import multihost_utils  # noqa: PLC0415
+
+        return np.asarray(multihost_utils.process_allgather(value, tiled=True))
+    return np.asarray(jax.device_get(value))
+
+
+def _trained_values(selection: params_lib.Selection, ablated: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """The trained leaves (or rows) of ``ablated``, by flat path, on the host."""
+    return {k: _host(v) for k, v in selection.split(ablated).items()}
+
+
+def _trained_sha256(values: Mapping[str, np.ndarray]) -> str:
+    return combined_sha256({k: tensor_sha256(v) for k, v in values.items()})
+
+
+def _source_key(name: str, available: set[str], component: str) -> str:
+    """The name a tensor has in the source files (transformers >= 5 drops ``text_model.``)."""
+    if name in available:
+        return name
+    tail = name.split(".", 1)[1] if "." in name else name
+    if tail in available:
+        return tail
+    raise ExportError(f"the source model's {component}/ has no tensor {name}")
+
+
+def _weight_index(folder: epath.Path) -> str | None:
+    # The same choice as loading._weight_files: the first (sorted) safetensors index, if any.
+    names = sorted(f.name for f in folder.iterdir() if f.name.endswith(".safetensors.index.json"))
+    return names[0] if names else None
+
+
+def _copy_file(src: epath.Path, dst: Path) -> None:
+    if os.fspath(src).startswith("gs://"):
+        dst.write_bytes(src.read_bytes())
+    else:
+        shutil.copyfile(os.fspath(src), dst)  # follows symlinks (hub snapshots link into blobs/)
+
+
+def _copy_tree(src: epath.Path, dst: Path) -> None:
+    dst.mkdir(parents=True, exist_ok=True)
+    for entry in src.iterdir():
+        if entry.name.startswith("."):  # .cache / .gitattributes of hub snapshots: not part of the model
+            continue
+        if entry.is_dir():
+            _copy_tree(entry, dst / entry.name)
+        else:
+            _copy_file(entry, dst / entry.name)
+
+
+def _write_component(src: epath.Path, dst: Path, trained: Mapping[str, tuple[np.ndarray, np.ndarray | None]],
+                     delta: dict[str, np.ndarray], base_hashes: dict[str, str], component: str) -> None:
+    """Rewrites one trained component from its source files, replacing the trained tensors.
+
+    ``trained``: canonical PyTorch name (within the component) -> (value in PyTorch layout,
+    row ids or None). Fills ``delta`` and ``base_hashes`` with the delta's tensors and the
+    hashes of the base values they replace, both under ``component.name``.
+    """
+    weight_files = loading._weight_files(src)  # noqa: SLF001  (the exact files the loader read)
+    index = _weight_index(src)
+    keep = {f.name for f in weight_files} | ({index} if index else set())
+    dst.mkdir(parents=True, exist_ok=True)
+    for entry in src.iterdir():
+        if entry.name in keep or entry.name.startswith("."):
+            continue
+        if ".safetensors" in entry.name or entry.name.endswith(_OTHER_WEIGHT_SUFFIXES):
+            log.warning("export: leaving out %s/%s (it would still hold the pretrained weights)", component,
+                        entry.name)
+            continue
+        if entry.is_dir():
+            _copy_tree(entry, dst / entry.name)
+        else:
+            _copy_file(entry, dst / entry.name)
+    if index:
+        _copy_file(src / index, dst / index)  # same tensor names, shapes and dtypes: the index stays valid
+
+    remaining = dict(trained)
+    for f in weight_files:
+        tensors = _read_tensors(f)
+        available = set(tensors)
+        changed = False
+        for name in list(remaining):
+            try:
+                key = _source_key(name, available, component)
+            except ExportError:
+                continue
+            value, rows = remaining.pop(name)
+            base = tensors[key]
+            delta_name = f"{component}.{name}"
+            if rows is not None:
+                new_rows = value.astype(base.dtype)
+                if new_rows.shape != (len(rows), *base.shape[1:]):
+                    raise ExportError(f"{component}.{name}: trained rows {new_rows.shape} do not fit {base.shape}")
+                base_hashes[delta_name + ROWS] = tensor_sha256(base[rows])
+                delta[delta_name + ROWS] = new_rows
+                delta[delta_name + ROW_IDS] = rows.astype(np.int64)
+                merged = base.copy()
+                merged[rows] = new_rows
+                tensors[key] = merged
+            else:
+                if value.size != base.size:
+                    raise ExportError(f"{component}.{name}: trained shape {value.shape} does not fit {base.shape}")
+                # The source's shape and dtype: a 1x1 convolution trained as a dense kernel stays 4-d.
+                new = np.require(value.reshape(base.shape).astype(base.dtype), requirements="C")
+                base_hashes[delta_name] = tensor_sha256(base)
+                delta[delta_name] = new
+                tensors[key] = new
+            changed = True
+        if changed:
+            safetensors.numpy.save_file(tensors, dst / f.name, metadata=_read_metadata(f) or None)
+        else:
+            _copy_file(f, dst / f.name)
+    if remaining:
+        raise ExportError(f"the source model's {component}/ has no tensor {sorted(remaining)[0]}")
+
+
+def export_run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
+               pipeline: loading.Pipeline | None = None, ablated_params: Mapping[str, Any] | None = None,
+               overwrite: bool = False) -> Path:
+    """Writes ``workdir/export/`` (pipeline folder, delta, export.json) and returns its path.
+
+    ``ablated_params`` defaults to the latest checkpoint's (:func:`checkpointing.restore_ablated_params`).
+    The recorded checkpoint step is the workdir's latest, or None when the params are passed in
+    and the workdir has no checkpoint. An existing export of the same run is returned unchanged;
+    one of another run raises :class:`ExportError` unless ``overwrite`` (or ``config.export.overwrite``).
+    """
+    workdir = Path(workdir).absolute()
+    final = workdir / EXPORT_DIR
+    overwrite = overwrite or bool(config.get("export", {}).get("overwrite", False))
+    fingerprint = _run_fingerprint(config)
+    step = _checkpoint_step(config, workdir)
+    if ablated_params is None and step is None:
+        raise ExportError(f"no checkpoint in {checkpointing.checkpoints_dir(workdir)}; train first")
+
+    existing = _read_record(final) if final.exists() else None
+    if ablated_params is None and final.exists():
+        # The checkpoint alone identifies the run: decide before loading or restoring anything.
+        if existing is not None and _same_run(existing, fingerprint["hash"], step, None):
+            log.info("already exported: %s (step %s, config %s)", final, step, fingerprint["hash"])
+            return final
+        if not overwrite:
+            raise _exists_error(final, existing)
+
+    if pipeline is None:
+        pipeline = loading.load_pipeline(config.model)
+    concept = config_lib.concept_from_config(config)
+    selection = checkpointing.selection_for(config, pipeline, concept)
+    if ablated_params is None:
+        ablated_params = checkpointing.restore_ablated_params(config, workdir, pipeline)
+    trained = _trained_values(selection, ablated_params)
+    trained_hash = _trained_sha256(trained)
+    if existing is not None and _same_run(existing, fingerprint["hash"], step, trained_hash):
+        log.info("already exported: %s (step %s, config %s)", final, step, fingerprint["hash"])
+        return final
+    if final.exists() and not overwrite:
+        raise _exists_error(final, existing)
+
+    # One writer; the other processes only took part in gathering the trained values, and wait
+    # (even when the writer fails) so that none returns before the export is in place.
+    try:
+        if jax.process_index() == 0:
+            _remove_leftovers(workdir)
+            tmp = Path(tempfile.mkdtemp(prefix=EXPORT_DIR + ".tmp-", dir=_mkdir(workdir)))
+            try:
+                record = _write_export(tmp, config, pipeline, selection, concept, trained, fingerprint, step,
+                                       trained_hash)
+                _make_readable(tmp)
+                _replace(tmp, final)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+            log.info("exported %s (%d tensors in the delta, components replaced: %s)", final,
+                     record["delta"]["tensors"], ", ".join(record["components_replaced"]))
+    finally:
+        _sync("ablate_jax_export")
+    return final
+
+
+def _exists_error(final: Path, existing: Mapping[str, Any] | None) -> ExportError:
+    what = (f"step {existing.get('checkpoint_step')}, config {existing.get('config_hash')}" if existing
+            else "no readable export.json")
+    return ExportError(f"{final} already holds the export of another run ({what}); replace it with --overwrite "
+                       "(python -m ablate_jax.export) or --config.export.overwrite=true")
+
+
+def _same_run(record: Mapping[str, Any], config_hash: str, step: int | None, trained_hash: str | None) -> bool:
+    same = record.get("config_hash") == config_hash and record.get("checkpoint_step") == step
+    if trained_hash is not None:
+        same = same and record.get("delta", {}).get("trained_sha256") == trained_hash
+    return same
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils  # noqa: PLC0415
+
+        multihost_utils.sync_global_devices(name)
+
+
+def _remove_leftovers(workdir: Path) -> None:
+    """Temporary folders of an export that was killed before its rename."""
+    for p in workdir.glob(EXPORT_DIR + ".*-*"):
+        if re.fullmatch(re.escape(EXPORT_DIR) + r"\.(tmp|old)-.+", p.name) and p.is_dir():
+            log.info("removing %s, left by an interrupted export", p)
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _make_readable(folder: Path) -> None:
+    """The modes of ordinary files and folders: mkdtemp (and safetensors) create owner-only ones."""
+    umask = _umask()
+    for root, dirs, files in os.walk(folder):
+        os.chmod(root, 0o777 & ~umask)
+        for d in dirs:
+            os.chmod(os.path.join(root, d), 0o777 & ~umask)
+        for f in files:
+            os.chmod(os.path.join(root, f), 0o666 & ~umask)
+
+
+def _umask() -> int:
+    # Read rather than set-and-restore: os.umask would briefly change it for every thread.
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022
+
+
+def _replace(tmp: Path, final: Path) -> None:
+    """Moves ``tmp`` to ``final``; an existing ``final`` is swapped out first and deleted after."""
+    if not final.exists():
+        os.replace(tmp, final)
+        return
+    old = final.with_name(f"{EXPORT_DIR}.old-{uuid.uuid4().hex[:8]}")
+    os.replace(final, old)
+    try:
+        os.replace(tmp, final)
+    except OSError:
+        os.replace(old, final)  # put the previous export back rather than leave none
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_export(out: Path, config: ml_collections.ConfigDict, pipeline: loading.Pipeline,
+                  selection: params_lib.Selection, concept: Any, trained: Mapping[str, np.ndarray],
+                  fingerprint: Mapping[str, Any], step: int | None, trained_hash: str) -> dict[str, Any]:
+    source = loading.resolve_path(pipeline.path)
+    # Canonical PyTorch names of the trained tensors, grouped by component.
+    by_component: dict[str, dict[str, tuple[np.ndarray, np.ndarray | None]]] = {}
+    for key, value in trained.items():
+        rows = None
+        path = key
+        if key.endswith(params_lib.ROWS_SUFFIX):
+            path = key[: -len(params_lib.ROWS_SUFFIX)]
+            rows = np.asarray(selection.rows, np.int64)
+        component, rel = path.split("/", 1)
+        rel_tuple = tuple(rel.split("/"))
+        if rows is None:
+            (torch_value,) = flax_to_torch(params_lib.unflatten({rel: value})).values()
+        else:
+            torch_value = value  # embedding rows: the same layout in both frameworks
+        by_component.setdefault(component, {})[flax_path_to_torch_key(rel_tuple)] = (torch_value, rows)
+
+    pipe_dir = out / PIPELINE_DIR
+    pipe_dir.mkdir()
+    delta: dict[str, np.ndarray] = {}
+    base_hashes: dict[str, str] = {}
+    for entry in source.iterdir():
+        if entry.name.startswith("."):
+            continue
+        if entry.name in by_component:
+            _write_component(entry, pipe_dir / entry.name, by_component[entry.name], delta, base_hashes, entry.name)
+        elif entry.is_dir():
+            _copy_tree(entry, pipe_dir / entry.name)
+        else:
+            _copy_file(entry, pipe_dir / entry.name)
+    missing = set(by_component) - {p.name for p in pipe_dir.iterdir()}
+    if missing:
+        raise ExportError(f"the source model {source} has no component folder {sorted(missing)[0]}/")
+
+    concept_info = {"kind": concept.kind, "targets": list(concept.targets), "anchor": concept.anchor}
+    if selection.rows:
+        concept_info["token_ids"] = list(selection.rows)
+    meta = {
+        "format": "pt",
+        DELTA_MARKER: DELTA_VERSION,
+        "base_model": str(config.model),
+        "base_model_path": os.fspath(source),
+        "base_sha256": combined_sha256(base_hashes),
+        "base_tensors_sha256": json.dumps(base_hashes, sort_keys=True),
+        "params_group": selection.group,
+        "concept": json.dumps(concept_info, sort_keys=True),
+        "config_hash": fingerprint["hash"],
+        "config": json.dumps(fingerprint["fields"], sort_keys=True, default=str),
+        "checkpoint_step": "null" if step is None else str(step),
+    }
+    safetensors.numpy.save_file(delta, out / DELTA_FILE, metadata=meta)
+    record = {
+        "config_hash": fingerprint["hash"],
+        "checkpoint_step": step,
+        "params_group": selection.group,
+        "concept": concept_info,
+        "base_model": str(config.model),
+        "base_model_path": os.fspath(source),
+        "components_replaced": sorted(by_component),
+        "delta": {"file": DELTA_FILE, "tensors": len([k for k in delta if not k.endswith(ROW_IDS)]),
+                  "base_sha256": meta["base_sha256"], "trained_sha256": trained_hash},
+        "config": fingerprint["fields"],
+    }
+    (out / RECORD_FILE).write_text(json.dumps(record, indent=1, sort_keys=True, default=str) + "\n")
+    return record
+
+
+# ------------------------------------------------------------------------------------------------ command line
+
+
+def _flags(argv: list[str]):
+    # A FlagValues of our own: train.py defines its own --config on the global one.
+    from absl import flags  # noqa: PLC0415
+    from ml_collections import config_flags  # noqa: PLC0415
+
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/xattn.py[:concept=toy_striped]",
+                                    flag_values=fv, sys_argv=argv)
+    flags.DEFINE_string("workdir", None, "the run's folder; the export goes to WORKDIR/export/", flag_values=fv)
+    flags.DEFINE_bool("overwrite", False, "replace an existing export of another run", flag_values=fv)
+    return fv
+
+
+def _one_line(err: BaseException) -> str:
+    """The line to show for ``err``: config_flags wraps a config file's error in its traceback text."""
+    lines = [ln.strip() for ln in str(err).strip().splitlines() if ln.strip()]
+    if not lines:
+        return type(err).__name__
+    if any(ln.startswith("Traceback (most recent call last)") for ln in lines):
+        match = re.match(r"^[\w.]+: (.*)$", lines[-1])
+        return match.group(1) if match else lines[-1]
+    return lines[0]
+
+
+def _parse(argv: list[str]) -> tuple[ml_collections.ConfigDict, str, bool]:
+    from absl import flags  # noqa: PLC0415
+
+    fv = _flags(argv)
+    try:
+        rest = fv(argv)
+    except flags.Error as err:
+        raise ExportError(_one_line(err)) from err
+    except (SyntaxError, ImportError) as err:  # raised by the config file itself
+        raise ExportError(f"cannot load the config file ({type(err).__name__}: {err})") from err
+    except (AttributeError, KeyError) as err:  # an override such as --config.export.nope=1
+        raise ExportError(f"unknown config key {str(err).strip(chr(34) + chr(39))!r} in a --config.* flag") from err
+    if len(rest) > 1:
+        raise ExportError(f"unexpected arguments: {' '.join(rest[1:])}")
+    config = fv.config
+    if config is None:
+        raise ExportError("--config is required, e.g. --config=configs/xattn.py")
+    if not isinstance(config, ml_collections.ConfigDict):  # config_flags' stand-in for a file that failed to load
+        path = fv["config"].config_filename
+        if not os.path.isfile(path):
+            raise ExportError(f"config file {path} does not exist")
+        raise ExportError(f"cannot load the config file {path} ({_one_line(object.__getattribute__(config, '_error'))})")
+    if not fv.workdir:
+        raise ExportError("--workdir is required")
+    return config, fv.workdir, fv.overwrite
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m ablate_jax.export --config=... --workdir=... [--overwrite]``; returns the exit status."""
+    from ablate_jax.concepts import ConceptError  # noqa: PLC0415
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("ablate_jax").setLevel(logging.INFO)
+    errors = (ExportError, ConceptError, config_lib.ConfigError, loading.ModelLoadError, checkpointing.CheckpointError,
+              params_lib.ParamsError, ValueError, OSError)
+    try:
+        config, workdir, overwrite = _parse(list(sys.argv if argv is None else argv))
+        path = export_run(config, workdir, overwrite=overwrite)
+    except errors as err:
+        print(f"error: {_one_line(err)}", file=sys.stderr)
+        return 1
+    print(f"exported {path}: {PIPELINE_DIR}/ (diffusers), {DELTA_FILE}, {RECORD_FILE}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
