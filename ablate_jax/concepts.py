@@ -115,6 +115,15 @@ def replace_word(text: str, word: str, replacement: str) -> str:
     return _word(word).sub(replacement, text)
 
 
+def misspell(text: str) -> str:
+    """A one-letter misspelling: the middle letter of the last word, doubled ("smiley" -> "smilley")."""
+    words = text.split(" ")
+    word = words[-1]
+    i = len(word) // 2
+    words[-1] = word[: i + 1] + word[i:]
+    return " ".join(words)
+
+
 def parse_targets(target: str) -> tuple[str, ...]:
     """``"grumpy cat; grumpy kitten"`` -> ("grumpy cat", "grumpy kitten")."""
     return tuple(t.strip() for t in target.split(";") if t.strip())

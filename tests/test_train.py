@@ -1,0 +1,209 @@
+"""Training end to end on the toy world: the default config's science, resumption, and refusals."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from ablate_jax import checkpointing, train
+from ablate_jax.config import ConfigError
+from ablate_jax.models.loading import ModelLoadError
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "configs"))
+
+import embedding  # noqa: E402
+import xattn  # noqa: E402
+
+# A run small enough to train twice in a test: a few anchors, a few steps, no evaluation or export.
+TINY = ("anchors.num_images=16,anchors.steps=3,anchors.shard_size=8,train.steps=8,train.checkpoint_every=2,"
+        "train.log_every=2,eval.enabled=False,export.enabled=False")
+
+
+def _env(**extra):
+    env = dict(os.environ)
+    env.update(extra)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def _cli(workdir, arg, *flags, env=None):
+    cmd = [sys.executable, "-m", "ablate_jax.train", f"--config={ROOT / 'configs' / 'xattn.py'}:{arg}",
+           f"--workdir={workdir}", *flags]
+    return cmd, env or _env()
+
+
+def _trained(config, workdir):
+    from ablate_jax.models import load_pipeline
+
+    pipe = load_pipeline("toy")
+    sel = checkpointing.selection_for(config, pipe, __import__("ablate_jax.config").config.concept_from_config(config))
+    return sel.split(checkpointing.restore_ablated_params(config, workdir, pipe))
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory):
+    """The default config, exactly as `make demo` runs it."""
+    workdir = tmp_path_factory.mktemp("runs") / "default"
+    report = train.run(xattn.get_config(), workdir, progress=False)
+    return workdir, report
+
+
+def test_default_config_removes_the_target_and_keeps_its_neighbours(default_run):
+    workdir, report = default_run
+    sets = report["sets"]
+    acc = {name: s["clip_accuracy"] for name, s in sets.items()}
+    target = sets["smiley"]
+    assert target["clip_accuracy"]["base"] >= 0.85
+    assert target["clip_accuracy"]["ablated"] <= 0.10
+    assert target["anchor_rate"]["ablated"] >= 0.80  # target prompts now draw the anchor
+    for name, s in sets.items():
+        if s["role"] in ("preserved", "surrounding", "anchor"):
+            assert abs(acc[name]["ablated"] - acc[name]["base"]) <= 0.05 + 1e-9, (name, acc[name])
+    assert "smiley_misspelled" in sets
+    for name in ("anchors", "train", "eval"):
+        assert report["timing_s"][name] > 0
+    assert (workdir / "eval" / "report.json").exists() and (workdir / "eval" / "report.md").exists()
+    assert (workdir / "eval" / "smiley.png").exists()
+    assert (workdir / "anchors" / "preview.png").exists()
+
+
+def test_rerun_of_a_finished_run_skips_anchors_and_training(default_run):
+    workdir, _ = default_run
+    report = train.run(xattn.get_config("eval.enabled=False,export.enabled=False"), workdir, progress=False)
+    assert report["anchors"]["skipped"] and report["train"]["skipped"]
+
+
+@pytest.fixture(scope="module")
+def tiny_anchors(tmp_path_factory):
+    """Anchors of the tiny config, generated once and copied into each test's workdir."""
+    from ablate_jax import generate
+
+    workdir = tmp_path_factory.mktemp("tiny") / "w"
+    generate.generate_anchors(xattn.get_config(TINY), workdir, progress=False)
+    return workdir / "anchors"
+
+
+def _workdir_with_anchors(tmp_path, tiny_anchors, name):
+    workdir = tmp_path / name
+    shutil.copytree(tiny_anchors, workdir / "anchors")
+    return workdir
+
+
+def test_a_killed_run_resumes_to_the_same_parameters(tmp_path, tiny_anchors):
+    straight = _workdir_with_anchors(tmp_path, tiny_anchors, "straight")
+    train.run(xattn.get_config(TINY), straight, progress=False)
+
+    killed = _workdir_with_anchors(tmp_path, tiny_anchors, "killed")
+    cmd, env = _cli(killed, TINY, env=_env(**{train.STEP_DELAY_ENV: "1.0"}))
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            finished = [p for p in (killed / "checkpoints").glob("*") if p.name.isdigit()]
+            if any(int(p.name) >= 2 for p in finished):
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, "the run ended before it could be interrupted"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    partial = checkpointing.manager(killed).latest_step()
+    assert partial is not None and partial < 8
+    summary = train.run(xattn.get_config(TINY), killed, progress=False)["train"]
+    assert not summary["skipped"]
+
+    a, b = _trained(xattn.get_config(TINY), straight), _trained(xattn.get_config(TINY), killed)
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(b[k]), err_msg=k)
+
+
+def test_embedding_run_moves_only_target_rows(tmp_path, tiny_anchors):
+    from ablate_jax.models import load_pipeline
+
+    workdir = _workdir_with_anchors(tmp_path, tiny_anchors, "emb")
+    config = embedding.get_config(TINY + ",train.learning_rate=1e-2")
+    train.run(config, workdir, progress=False)
+    pipe = load_pipeline("toy")
+    params = checkpointing.restore_ablated_params(config, workdir, pipe)
+    path = ("text_encoder", "text_model", "embeddings", "token_embedding", "embedding")
+    before, after = pipe.params, params
+    for p in path:
+        before, after = before[p], after[p]
+    before, after = np.asarray(before), np.asarray(after)
+    changed = np.flatnonzero(np.any(before != after, axis=1))
+    from ablate_jax.params import target_token_ids
+
+    assert set(changed) == set(target_token_ids(pipe.tokenizer, ["smiley"], "circle"))
+    assert jax.tree.all(jax.tree.map(lambda x, y: bool(np.array_equal(x, y)), params["unet"], pipe.params["unet"]))
+
+
+def test_non_finite_loss_stops_with_a_clear_message(tmp_path, tiny_anchors):
+    workdir = _workdir_with_anchors(tmp_path, tiny_anchors, "nan")
+    with pytest.raises(train.TrainError, match="NaN or infinite"):
+        train.run(xattn.get_config(TINY + ",train.learning_rate=1e38"), workdir, progress=False)
+    step = checkpointing.manager(workdir).latest_step()
+    assert step is None or step < 8
+
+
+@pytest.mark.parametrize(
+    ("arg", "error", "match"),
+    [
+        ("train.steps=0", train.TrainError, "train.steps must be positive"),
+        ("train.steps=-3", train.TrainError, "train.steps must be positive"),
+        ("model=/nonexistent/model", ModelLoadError, "nonexistent"),
+        ("concept.anchor=hexagon", Exception, "appears in none"),
+    ],
+)
+def test_bad_input_fails_before_writing_anything(tmp_path, arg, error, match):
+    workdir = tmp_path / "w"
+    with pytest.raises(error, match=match):
+        train.run(xattn.get_config(arg), workdir, progress=False)
+    assert not workdir.exists()
+
+
+def test_unknown_config_key_is_refused():
+    with pytest.raises(ConfigError, match="unknown config key 'train.stepz'"):
+        xattn.get_config("train.stepz=3")
+
+
+def test_pickled_model_is_refused(tmp_path):
+    from ablate_jax.toy import shipped_path
+
+    model = tmp_path / "model"
+    shutil.copytree(shipped_path("pipeline"), model)
+    for f in (model / "unet").glob("*.safetensors"):
+        f.unlink()
+    (model / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"not really a pickle")
+    workdir = tmp_path / "w"
+    with pytest.raises(ModelLoadError, match="pickled"):
+        train.run(xattn.get_config(f"model={model}"), workdir, progress=False)
+    assert not workdir.exists()
+
+
+def test_a_workdir_from_another_run_is_refused(tmp_path, tiny_anchors):
+    workdir = _workdir_with_anchors(tmp_path, tiny_anchors, "other")
+    train.run(xattn.get_config(TINY.replace("train.steps=8", "train.steps=2")), workdir, progress=False)
+    listing = sorted(str(p) for p in workdir.rglob("*"))
+    with pytest.raises(checkpointing.CheckpointError, match="another run"):
+        train.run(xattn.get_config(TINY + ",train.learning_rate=1e-3"), workdir, progress=False)
+    assert sorted(str(p) for p in workdir.rglob("*")) == listing
+
+
+def test_cli_reports_bad_input_in_one_line(tmp_path):
+    cmd, env = _cli(tmp_path / "w", "train.steps=0")
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1
+    lines = [ln for ln in out.stderr.splitlines() if ln.startswith("error:")]
+    assert lines == ["error: train.steps must be positive, got 0"]
+    assert not (tmp_path / "w").exists()
