@@ -324,6 +324,9 @@ def main(argv: list[str]) -> None:
     config = flags.FLAGS.config
     workdir = flags.FLAGS.workdir or str(Path("workdirs") / default_run_name(config))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("ablate_jax").setLevel(logging.INFO)
+    # orbax and TensorFlow report every read and write at INFO through absl; keep the log to our stages.
+    logging.getLogger("absl").setLevel(logging.WARNING)
     try:
         report = run(config, workdir, progress=sys.stderr.isatty() or not os.environ.get("CI"))
     except _ERRORS as e:

@@ -10,6 +10,7 @@ from ablate_jax.models import load_clip, load_pipeline
 from ablate_jax.toy import pretrain, quality, world
 
 
+@pytest.mark.slow  # 2.5 minutes, nearly all of it compiling four training programs
 def test_pretraining_smoke_run_lowers_every_loss(tmp_path):
     result = pretrain.pretrain(tmp_path, pretrain.BUDGETS["smoke"], seed=0)
     for stage in ("clip", "vae", "unet", "evaluator"):
