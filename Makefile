@@ -37,6 +37,7 @@ lint: $(VENV)/.stamp-test
 
 bench: $(VENV)/.stamp-bench
 	$(BIN)/python bench/sampling.py
+	$(BIN)/python bench/end_to_end.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

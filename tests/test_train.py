@@ -75,6 +75,19 @@ def test_default_config_removes_the_target_and_keeps_its_preserved_sibling(defau
     assert (workdir / "export" / "pipeline" / "model_index.json").exists()
 
 
+def test_default_run_export_is_the_trained_model(default_run):
+    from ablate_jax import export
+    from ablate_jax.models import load_pipeline
+
+    workdir, _ = default_run
+    pipe = load_pipeline("toy")
+    trained = checkpointing.restore_ablated_params(xattn.get_config(), workdir, pipe)
+    from_delta = export.apply_delta(pipe.params, workdir / "export" / "delta.safetensors")
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), from_delta, trained))
+    exported = load_pipeline(workdir / "export" / "pipeline")
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), exported.params, trained))
+
+
 @pytest.mark.xfail(strict=True, reason="the shipped toy model's face instances and shapes are entangled: the held-out "
                                        "siblings (winky, gaspy), the square and the anchor set move (README, Results)")
 def test_default_config_keeps_the_anchor_and_held_out_neighbours(default_run):
