@@ -12,6 +12,7 @@ a separate argument that is never donated nor copied.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -124,6 +125,25 @@ def make_train_step(pipeline: Pipeline, selection: params_lib.Selection, loss_cf
     return step
 
 
+@functools.lru_cache(maxsize=8)
+def compiled_train_step(pipeline: Pipeline, selection: params_lib.Selection, loss_cfg: losses.LossConfig,
+                        optimizer: tuple[float, float, float], seed: int, stop_sot_kv_grad: bool,
+                        mesh: jax.sharding.Mesh):
+    """The jitted train step, shared by runs in one process that use the same pipeline object and settings.
+
+    The state is donated; the frozen base parameters are not (every step reads them).
+    """
+    lr, weight_decay, clip_norm = optimizer
+    tx = params_lib.optimizer(lr, weight_decay=weight_decay, clip_norm=clip_norm)
+    rep, batch = sharding.replicated(mesh), sharding.batch_sharded(mesh)
+    return jax.jit(
+        make_train_step(pipeline, selection, loss_cfg, tx, seed=seed, stop_sot_kv_grad=stop_sot_kv_grad),
+        in_shardings=(rep, rep, batch),
+        out_shardings=(rep, rep),
+        donate_argnums=(0,),
+    )
+
+
 # ------------------------------------------------------------------------------------------------ stages
 
 
@@ -194,12 +214,9 @@ def train(ctx: RunContext, *, progress: bool = True) -> dict[str, Any]:
         flip=config.train.flip, rescale=config.train.rescale, with_keep=loss_cfg.needs_keep,
         process_index=jax.process_index(), process_count=jax.process_count(),
     )
-    step_fn = jax.jit(
-        make_train_step(pipeline, selection, loss_cfg, tx, seed=config.seed, stop_sot_kv_grad=config.stop_sot_kv_grad),
-        in_shardings=(rep, rep, batch_sharding),
-        out_shardings=(rep, rep),
-        donate_argnums=(0,),
-    )
+    t = config.train
+    step_fn = compiled_train_step(pipeline, selection, loss_cfg, (t.learning_rate, t.weight_decay, t.clip_norm),
+                                  config.seed, config.stop_sot_kv_grad, mesh)
     writer = metric_writers.create_default_writer(str(ctx.workdir / "logs"), just_logging=jax.process_index() > 0)
     log.info("training %s (%s scalars) for %d steps, global batch %d on %d devices",
              config.params, f"{selection.count(pipeline.params):,}", steps, config.train.batch_size, n_dev)
@@ -250,14 +267,20 @@ def train(ctx: RunContext, *, progress: bool = True) -> dict[str, Any]:
             "final_loss": float(jax.device_get(metrics)["loss"]) if metrics is not None else None}
 
 
-def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, progress: bool = True) -> dict[str, Any]:
-    """The whole job; returns the evaluation report (or a summary when evaluation is off)."""
+def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, pipeline: Pipeline | None = None,
+        progress: bool = True) -> dict[str, Any]:
+    """The whole job; returns the evaluation report (or a summary when evaluation is off).
+
+    ``pipeline``: the model ``config.model`` names, already loaded (with ``config.dtype``). Runs
+    that share one pipeline object in a process also share its compiled programs.
+    """
     from ablate_jax import evaluate, generate  # noqa: PLC0415
 
     validate(config)
     workdir = Path(workdir).absolute()
     concept = config_lib.concept_from_config(config)
-    pipeline = load_pipeline(config.model, dtype=jnp.dtype(config.dtype))
+    if pipeline is None:
+        pipeline = load_pipeline(config.model, dtype=jnp.dtype(config.dtype))
     if config.params == "embedding" and not params_lib.target_token_ids(pipeline.tokenizer, concept.targets,
                                                                          concept.anchor):
         raise TrainError(f"the target {concept.target!r} has no token of its own to train (all shared with the anchor)")

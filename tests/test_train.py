@@ -40,19 +40,26 @@ def _cli(workdir, arg, *flags, env=None):
     return cmd, env or _env()
 
 
-def _trained(config, workdir):
-    from ablate_jax.models import load_pipeline
+def _trained(config, workdir, pipe):
+    from ablate_jax.config import concept_from_config
 
-    pipe = load_pipeline("toy")
-    sel = checkpointing.selection_for(config, pipe, __import__("ablate_jax.config").config.concept_from_config(config))
+    sel = checkpointing.selection_for(config, pipe, concept_from_config(config))
     return sel.split(checkpointing.restore_ablated_params(config, workdir, pipe))
 
 
 @pytest.fixture(scope="module")
-def default_run(tmp_path_factory):
+def toy_pipe():
+    """One loaded toy model for every run in this module, so they share compiled programs."""
+    from ablate_jax.models import load_pipeline
+
+    return load_pipeline("toy")
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory, toy_pipe):
     """The default config, exactly as `make demo` runs it."""
     workdir = tmp_path_factory.mktemp("runs") / "default"
-    report = train.run(xattn.get_config(), workdir, progress=False)
+    report = train.run(xattn.get_config(), workdir, pipeline=toy_pipe, progress=False)
     return workdir, report
 
 
@@ -75,12 +82,12 @@ def test_default_config_removes_the_target_and_keeps_its_preserved_sibling(defau
     assert (workdir / "export" / "pipeline" / "model_index.json").exists()
 
 
-def test_default_run_export_is_the_trained_model(default_run):
+def test_default_run_export_is_the_trained_model(default_run, toy_pipe):
     from ablate_jax import export
     from ablate_jax.models import load_pipeline
 
     workdir, _ = default_run
-    pipe = load_pipeline("toy")
+    pipe = toy_pipe
     trained = checkpointing.restore_ablated_params(xattn.get_config(), workdir, pipe)
     from_delta = export.apply_delta(pipe.params, workdir / "export" / "delta.safetensors")
     assert jax.tree.all(jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), from_delta, trained))
@@ -98,19 +105,20 @@ def test_default_config_keeps_the_anchor_and_held_out_neighbours(default_run):
             assert abs(acc["ablated"] - acc["base"]) <= 0.05 + 1e-9, (name, acc)
 
 
-def test_rerun_of_a_finished_run_skips_anchors_and_training(default_run):
+def test_rerun_of_a_finished_run_skips_anchors_and_training(default_run, toy_pipe):
     workdir, _ = default_run
-    report = train.run(xattn.get_config("eval.enabled=False,export.enabled=False"), workdir, progress=False)
+    report = train.run(xattn.get_config("eval.enabled=False,export.enabled=False"), workdir, pipeline=toy_pipe,
+                       progress=False)
     assert report["anchors"]["skipped"] and report["train"]["skipped"]
 
 
 @pytest.fixture(scope="module")
-def tiny_anchors(tmp_path_factory):
+def tiny_anchors(tmp_path_factory, toy_pipe):
     """Anchors of the tiny config, generated once and copied into each test's workdir."""
     from ablate_jax import generate
 
     workdir = tmp_path_factory.mktemp("tiny") / "w"
-    generate.generate_anchors(xattn.get_config(TINY), workdir, progress=False)
+    generate.generate_anchors(xattn.get_config(TINY), workdir, pipeline=toy_pipe, progress=False)
     return workdir / "anchors"
 
 
@@ -120,9 +128,9 @@ def _workdir_with_anchors(tmp_path, tiny_anchors, name):
     return workdir
 
 
-def test_a_killed_run_resumes_to_the_same_parameters(tmp_path, tiny_anchors):
+def test_a_killed_run_resumes_to_the_same_parameters(tmp_path, tiny_anchors, toy_pipe):
     straight = _workdir_with_anchors(tmp_path, tiny_anchors, "straight")
-    train.run(xattn.get_config(TINY), straight, progress=False)
+    train.run(xattn.get_config(TINY), straight, pipeline=toy_pipe, progress=False)
 
     killed = _workdir_with_anchors(tmp_path, tiny_anchors, "killed")
     cmd, env = _cli(killed, TINY, env=_env(**{train.STEP_DELAY_ENV: "1.0"}))
@@ -142,10 +150,10 @@ def test_a_killed_run_resumes_to_the_same_parameters(tmp_path, tiny_anchors):
             proc.kill()
     partial = checkpointing.manager(killed).latest_step()
     assert partial is not None and partial < 8
-    summary = train.run(xattn.get_config(TINY), killed, progress=False)["train"]
+    summary = train.run(xattn.get_config(TINY), killed, pipeline=toy_pipe, progress=False)["train"]
     assert not summary["skipped"]
 
-    a, b = _trained(xattn.get_config(TINY), straight), _trained(xattn.get_config(TINY), killed)
+    a, b = _trained(xattn.get_config(TINY), straight, toy_pipe), _trained(xattn.get_config(TINY), killed, toy_pipe)
     assert a.keys() == b.keys()
     for k in a:
         np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(b[k]), err_msg=k)
@@ -172,10 +180,10 @@ def test_embedding_run_moves_only_target_rows(tmp_path, tiny_anchors):
     assert jax.tree.all(jax.tree.map(lambda x, y: bool(np.array_equal(x, y)), params["unet"], pipe.params["unet"]))
 
 
-def test_non_finite_loss_stops_with_a_clear_message(tmp_path, tiny_anchors):
+def test_non_finite_loss_stops_with_a_clear_message(tmp_path, tiny_anchors, toy_pipe):
     workdir = _workdir_with_anchors(tmp_path, tiny_anchors, "nan")
     with pytest.raises(train.TrainError, match="NaN or infinite"):
-        train.run(xattn.get_config(TINY + ",train.learning_rate=1e38"), workdir, progress=False)
+        train.run(xattn.get_config(TINY + ",train.learning_rate=1e38"), workdir, pipeline=toy_pipe, progress=False)
     step = checkpointing.manager(workdir).latest_step()
     assert step is None or step < 8
 
@@ -215,11 +223,11 @@ def test_pickled_model_is_refused(tmp_path):
     assert not workdir.exists()
 
 
-def test_a_workdir_from_another_run_is_refused(default_run):
+def test_a_workdir_from_another_run_is_refused(default_run, toy_pipe):
     workdir, _ = default_run
     listing = sorted((str(p), p.stat().st_mtime_ns) for p in workdir.rglob("*"))
     with pytest.raises(checkpointing.CheckpointError, match="another run"):
-        train.run(xattn.get_config("train.learning_rate=1e-3"), workdir, progress=False)
+        train.run(xattn.get_config("train.learning_rate=1e-3"), workdir, pipeline=toy_pipe, progress=False)
     assert sorted((str(p), p.stat().st_mtime_ns) for p in workdir.rglob("*")) == listing
 
 
