@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import functools
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -35,7 +34,7 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from ablate_jax import concepts, sharding
+from ablate_jax import cli, concepts, sharding
 from ablate_jax.config import concept_from_config, eval_sampling
 from ablate_jax.models.loading import CLIP, Pipeline, load_clip, load_pipeline
 from ablate_jax.report import before_after_grid, check_report, format_table, grid_filename, write_report
@@ -395,55 +394,14 @@ def evaluate_run(
 # ------------------------------------------------------------------------------------------------ command line
 
 
-def _flags(argv: list[str]):
-    # A FlagValues of our own: train.py imports this module and defines its own --config.
-    # config_flags registers the --config.* overrides from the argv it is given at definition.
-    from absl import flags  # noqa: PLC0415
-    from ml_collections import config_flags  # noqa: PLC0415
-
-    fv = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/xattn.py[:concept=toy_striped]",
-                                    flag_values=fv, sys_argv=argv)
-    flags.DEFINE_string("workdir", None, "the run's folder; results go to WORKDIR/eval/", flag_values=fv)
-    flags.DEFINE_bool("base_only", False, "evaluate the pretrained model alone (needs no checkpoint)", flag_values=fv)
-    flags.DEFINE_bool("progress", True, "show progress bars", flag_values=fv)
-    return fv
-
-
-def _one_line(err: BaseException) -> str:
-    """The line to show for ``err``: config_flags wraps a config file's error in its traceback text."""
-    lines = [ln.strip() for ln in str(err).strip().splitlines() if ln.strip()]
-    if not lines:
-        return type(err).__name__
-    if any(ln.startswith("Traceback (most recent call last)") for ln in lines):
-        match = re.match(r"^[\w.]+: (.*)$", lines[-1])  # "package.ConfigError: unknown config key 'x'"
-        return match.group(1) if match else lines[-1]
-    return lines[0]
-
-
 def _parse(argv: list[str]) -> tuple[ml_collections.ConfigDict, str, bool, bool]:
     from absl import flags  # noqa: PLC0415
 
-    fv = _flags(argv)
-    try:
-        fv(argv)
-    except flags.Error as err:
-        raise EvalError(_one_line(err)) from err
-    except (SyntaxError, ImportError) as err:  # raised by the config file itself, unwrapped
-        raise EvalError(f"cannot load the config file ({type(err).__name__}: {err})") from err
-    except (AttributeError, KeyError) as err:  # an override such as --config.eval.nope=1
-        raise EvalError(f"unknown config key {str(err).strip(chr(34) + chr(39))!r} in a --config.* flag") from err
-    config = fv.config
-    if config is None:
-        raise EvalError("--config is required, e.g. --config=configs/xattn.py")
-    if not isinstance(config, ml_collections.ConfigDict):  # config_flags' stand-in for a file that failed to load
-        path = fv["config"].config_filename
-        if not os.path.isfile(path):
-            raise EvalError(f"config file {path} does not exist")
-        raise EvalError(f"cannot load the config file {path} ({_one_line(object.__getattribute__(config, '_error'))})")
-    if not fv.workdir:
-        raise EvalError("--workdir is required")
-    return config, fv.workdir, fv.base_only, fv.progress
+    fv = cli.flag_values(argv, "the run's folder; results go to WORKDIR/eval/")
+    flags.DEFINE_bool("base_only", False, "evaluate the pretrained model alone (needs no checkpoint)", flag_values=fv)
+    flags.DEFINE_bool("progress", True, "show progress bars", flag_values=fv)
+    config, workdir, _ = cli.parse(fv, argv, EvalError)
+    return config, workdir, fv.base_only, fv.progress
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -468,7 +426,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         report = evaluate_run(config, workdir, ablated_params=ablated, base_only=base_only, pipeline=pipeline,
                               progress=progress)
     except errors as err:
-        print(f"error: {_one_line(err)}", file=sys.stderr)
+        print(f"error: {cli.one_line(err)}", file=sys.stderr)
         return 1
     print(format_table(report))
     print(f"wrote {Path(workdir) / 'eval'}: report.json, report.md and a grid per set")

@@ -59,7 +59,7 @@ import numpy as np
 import safetensors.numpy
 from etils import epath
 
-from ablate_jax import checkpointing
+from ablate_jax import checkpointing, cli
 from ablate_jax import config as config_lib
 from ablate_jax import params as params_lib
 from ablate_jax.models import loading
@@ -630,55 +630,15 @@ def _write_export(out: Path, config: ml_collections.ConfigDict, pipeline: loadin
 # ------------------------------------------------------------------------------------------------ command line
 
 
-def _flags(argv: list[str]):
-    # A FlagValues of our own: train.py defines its own --config on the global one.
-    from absl import flags  # noqa: PLC0415
-    from ml_collections import config_flags  # noqa: PLC0415
-
-    fv = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/xattn.py[:concept=toy_striped]",
-                                    flag_values=fv, sys_argv=argv)
-    flags.DEFINE_string("workdir", None, "the run's folder; the export goes to WORKDIR/export/", flag_values=fv)
-    flags.DEFINE_bool("overwrite", False, "replace an existing export of another run", flag_values=fv)
-    return fv
-
-
-def _one_line(err: BaseException) -> str:
-    """The line to show for ``err``: config_flags wraps a config file's error in its traceback text."""
-    lines = [ln.strip() for ln in str(err).strip().splitlines() if ln.strip()]
-    if not lines:
-        return type(err).__name__
-    if any(ln.startswith("Traceback (most recent call last)") for ln in lines):
-        match = re.match(r"^[\w.]+: (.*)$", lines[-1])
-        return match.group(1) if match else lines[-1]
-    return lines[0]
-
-
 def _parse(argv: list[str]) -> tuple[ml_collections.ConfigDict, str, bool]:
     from absl import flags  # noqa: PLC0415
 
-    fv = _flags(argv)
-    try:
-        rest = fv(argv)
-    except flags.Error as err:
-        raise ExportError(_one_line(err)) from err
-    except (SyntaxError, ImportError) as err:  # raised by the config file itself
-        raise ExportError(f"cannot load the config file ({type(err).__name__}: {err})") from err
-    except (AttributeError, KeyError) as err:  # an override such as --config.export.nope=1
-        raise ExportError(f"unknown config key {str(err).strip(chr(34) + chr(39))!r} in a --config.* flag") from err
+    fv = cli.flag_values(argv, "the run's folder; the export goes to WORKDIR/export/")
+    flags.DEFINE_bool("overwrite", False, "replace an existing export of another run", flag_values=fv)
+    config, workdir, rest = cli.parse(fv, argv, ExportError)
     if len(rest) > 1:
         raise ExportError(f"unexpected arguments: {' '.join(rest[1:])}")
-    config = fv.config
-    if config is None:
-        raise ExportError("--config is required, e.g. --config=configs/xattn.py")
-    if not isinstance(config, ml_collections.ConfigDict):  # config_flags' stand-in for a file that failed to load
-        path = fv["config"].config_filename
-        if not os.path.isfile(path):
-            raise ExportError(f"config file {path} does not exist")
-        raise ExportError(f"cannot load the config file {path} ({_one_line(object.__getattribute__(config, '_error'))})")
-    if not fv.workdir:
-        raise ExportError("--workdir is required")
-    return config, fv.workdir, fv.overwrite
+    return config, workdir, fv.overwrite
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -693,7 +653,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config, workdir, overwrite = _parse(list(sys.argv if argv is None else argv))
         path = export_run(config, workdir, overwrite=overwrite)
     except errors as err:
-        print(f"error: {_one_line(err)}", file=sys.stderr)
+        print(f"error: {cli.one_line(err)}", file=sys.stderr)
         return 1
     print(f"exported {path}: {PIPELINE_DIR}/ (diffusers), {DELTA_FILE}, {RECORD_FILE}")
     return 0
