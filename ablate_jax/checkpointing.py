@@ -20,6 +20,7 @@ import orbax.checkpoint as ocp
 
 from ablate_jax import config as config_lib
 from ablate_jax import params as params_lib
+from ablate_jax import sharding
 from ablate_jax.concepts import Concept
 from ablate_jax.models.loading import Pipeline
 
@@ -100,9 +101,13 @@ def restore_ablated_params(config: ml_collections.ConfigDict, workdir: str | os.
     concept = config_lib.concept_from_config(config)
     sel = selection_for(config, pipeline, concept)
     trainable = sel.split(pipeline.params)
-    abstract = jax.eval_shape(lambda: initial_state(trainable, optimizer_for(config)))
+    # Replicated over every process's devices, then brought to the host: each process gets the
+    # whole trained state, whatever layout (data parallel, fsdp) wrote it.
+    rep = sharding.replicated(sharding.make_mesh())
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
+                            jax.eval_shape(lambda: initial_state(trainable, optimizer_for(config))))
     state, _ = restore(mngr, abstract, step)
-    return sel.merge(pipeline.params, state["params"])
+    return sel.merge(pipeline.params, jax.tree.map(sharding.to_host, state["params"]))
 
 
 def optimizer_for(config: ml_collections.ConfigDict):

@@ -1,7 +1,8 @@
-"""Command-line parsing shared by the single-phase commands (``ablate_jax.evaluate``, ``ablate_jax.export``).
+"""Command-line parsing shared by the single-phase commands (``generate``, ``evaluate``, ``export``).
 
 Each command builds its own ``FlagValues`` with ``--config`` (an ml_collections config file,
-``--config.KEY=VALUE`` overrides) and ``--workdir``, because ``ablate_jax.train`` imports these
+``--config.KEY=VALUE`` overrides), ``--workdir`` and the multi-process flags of
+:mod:`ablate_jax.distributed`, because ``ablate_jax.train`` imports these
 modules and defines its own ``--config`` on absl's global flags. Every failure becomes one
 line in the command's own error type.
 """
@@ -13,6 +14,8 @@ import re
 from collections.abc import Callable
 
 import ml_collections
+
+from ablate_jax import distributed
 
 
 def flag_values(argv: list[str], workdir_help: str):
@@ -28,6 +31,7 @@ def flag_values(argv: list[str], workdir_help: str):
     config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/xattn.py[:concept=toy_striped]",
                                     flag_values=fv, sys_argv=argv)
     flags.DEFINE_string("workdir", None, workdir_help, flag_values=fv)
+    distributed.define_flags(fv)
     return fv
 
 
@@ -57,7 +61,9 @@ def parse(fv, argv: list[str], error: Callable[[str], Exception]) -> tuple[ml_co
     except (SyntaxError, ImportError) as err:  # raised by the config file itself, unwrapped
         raise error(f"cannot load the config file ({type(err).__name__}: {err})") from err
     except (AttributeError, KeyError) as err:  # an override such as --config.eval.nope=1
-        raise error(f"unknown config key {str(err).strip(chr(34) + chr(39))!r} in a --config.* flag") from err
+        key = str(err).strip("'\"")
+        flagged = [a.split("=", 1)[0] for a in argv if a.startswith("--config.") and key in a.split("=", 1)[0]]
+        raise error(f"unknown config key {key!r} in {', '.join(flagged) or 'a --config.* flag'}") from err
     config = fv.config
     if config is None:
         raise error("--config is required, e.g. --config=configs/xattn.py")
@@ -68,4 +74,10 @@ def parse(fv, argv: list[str], error: Callable[[str], Exception]) -> tuple[ml_co
         raise error(f"cannot load the config file {path} ({one_line(object.__getattribute__(config, '_error'))})")
     if not fv.workdir:
         raise error("--workdir is required")
+    if len(rest) > 1:
+        raise error(f"unexpected arguments: {' '.join(rest[1:])}")
+    try:
+        distributed.initialize_from_flags(fv)
+    except distributed.DistributedError as err:
+        raise error(str(err)) from err
     return config, fv.workdir, rest

@@ -45,6 +45,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.preserve.weight = 0.0
     c.stop_sot_kv_grad = True
 
+    # Device layout. fsdp > 1 splits parameters and optimizer state over that many devices
+    # (fully sharded data parallel) for full fine-tunes of models too large to replicate; the
+    # batch is always split over every device. Results equal plain data parallelism.
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.fsdp = 1
+
     c.anchors = ml_collections.ConfigDict()
     c.anchors.num_images = 200
     c.anchors.sampler = "dpmpp_2m"

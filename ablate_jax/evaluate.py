@@ -318,8 +318,8 @@ def evaluate_run(
     if write:
         Path(workdir).mkdir(parents=True, exist_ok=True)
         stage = Path(tempfile.mkdtemp(prefix=".eval-", dir=workdir))
-    gen_bar = tqdm(total=len(sets) * len(models) * n, desc="generating", unit="img", disable=not progress)
-    score_bar = tqdm(total=len(sets), desc="scoring", unit="set", disable=not progress)
+    gen_bar = tqdm(total=len(sets) * len(models) * n, desc="generating", unit="img", disable=not progress or not write)
+    score_bar = tqdm(total=len(sets), desc="scoring", unit="set", disable=not progress or not write)
     try:
         report_sets: dict[str, Any] = {}
         for s in sets:

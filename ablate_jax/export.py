@@ -59,7 +59,7 @@ import numpy as np
 import safetensors.numpy
 from etils import epath
 
-from ablate_jax import checkpointing, cli
+from ablate_jax import checkpointing, cli, distributed, sharding
 from ablate_jax import config as config_lib
 from ablate_jax import params as params_lib
 from ablate_jax.models import loading
@@ -307,18 +307,9 @@ def _read_record(folder: Path) -> dict[str, Any] | None:
         return None
 
 
-def _host(value: Any) -> np.ndarray:
-    """A (possibly multi-host sharded) array as one NumPy array on this host."""
-    if isinstance(value, jax.Array) and not value.is_fully_addressable:
-        from jax.experimental import multihost_utils  # noqa: PLC0415
-
-        return np.asarray(multihost_utils.process_allgather(value, tiled=True))
-    return np.asarray(jax.device_get(value))
-
-
 def _trained_values(selection: params_lib.Selection, ablated: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """The trained leaves (or rows) of ``ablated``, by flat path, on the host."""
-    return {k: _host(v) for k, v in selection.split(ablated).items()}
+    return {k: sharding.to_host(v) for k, v in selection.split(ablated).items()}
 
 
 def _trained_sha256(values: Mapping[str, np.ndarray]) -> str:
@@ -482,7 +473,7 @@ def export_run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
             log.info("exported %s (%d tensors in the delta, components replaced: %s)", final,
                      record["delta"]["tensors"], ", ".join(record["components_replaced"]))
     finally:
-        _sync("ablate_jax_export")
+        distributed.barrier("ablate_jax_export")
     return final
 
 
@@ -503,13 +494,6 @@ def _same_run(record: Mapping[str, Any], config_hash: str, step: int | None, tra
 def _mkdir(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-def _sync(name: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils  # noqa: PLC0415
-
-        multihost_utils.sync_global_devices(name)
 
 
 def _remove_leftovers(workdir: Path) -> None:

@@ -35,7 +35,6 @@ import json
 import logging
 import math
 import os
-import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -671,42 +670,15 @@ def open_anchors(workdir: str | os.PathLike) -> AnchorSource:
 _ERRORS = (AnchorError, ConceptError, ConfigError, ModelLoadError)
 
 
-def _flags(argv: Sequence[str]):
-    # A FlagValues of our own: train.py imports this module and defines its own --config. The
-    # --config.* overrides are registered from the argument list, which must be ours, not sys.argv.
-    from absl import flags  # noqa: PLC0415
-    from ml_collections import config_flags  # noqa: PLC0415
-
-    fv = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/xattn.py[:concept=toy_striped]",
-                                    flag_values=fv, lock_config=True, sys_argv=list(argv))
-    flags.DEFINE_string("workdir", None, "the run's folder; anchors go to WORKDIR/anchors/", flag_values=fv)
-    flags.DEFINE_bool("progress", True, "show a progress bar", flag_values=fv)
-    flags.DEFINE_bool("multihost", False, "call jax.distributed.initialize() first (TPU pod slices, multi-node GPU)",
-                      flag_values=fv)
-    return fv
-
-
-_EXCEPTION_PREFIX = re.compile(r"^[\w.]+(Error|Exception): ")
-
-
-def _one_line(err: BaseException) -> str:
-    lines = [ln.strip() for ln in str(err).strip().splitlines() if ln.strip()]
-    if not lines:
-        return type(err).__name__
-    if len(lines) > 1 and lines[0].endswith(":"):
-        # config_flags wraps an error raised by the config file in its traceback; its last line
-        # ("pkg.ConfigError: unknown config key 'x'") is the part that helps.
-        return f"{lines[0]} {_EXCEPTION_PREFIX.sub('', lines[-1])}"
-    return lines[0]
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m ablate_jax.generate --config=... --workdir=...``; returns the exit status."""
     from absl import flags  # noqa: PLC0415
 
+    from ablate_jax import cli  # noqa: PLC0415
+
     argv = list(sys.argv if argv is None else argv)
-    fv = _flags(argv)
+    fv = cli.flag_values(argv, "the run's folder; anchors go to WORKDIR/anchors/")
+    flags.DEFINE_bool("progress", True, "show a progress bar", flag_values=fv)
     if any(a in ("-h", "--help", "--helpfull") for a in argv[1:]):
         print(f"{__doc__.splitlines()[0]}\n\nusage: python -m ablate_jax.generate --config=FILE[:key=value,...] "
               f"--workdir=DIR [--config.KEY=VALUE ...]\n\n{fv.get_help()}")
@@ -715,30 +687,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("ablate_jax").setLevel(logging.INFO)
     logging.getLogger("absl").setLevel(logging.ERROR)  # TFDS's notes on reading its own metadata
     try:
-        try:
-            rest = fv(argv)
-        except (AttributeError, KeyError) as err:  # how config_flags reports an override of a missing key
-            key = str(err).strip("'\"")
-            flagged = [a.split("=", 1)[0] for a in argv if a.startswith("--config.") and key in a.split("=", 1)[0]]
-            raise AnchorError(f"unknown config key {key!r} in {', '.join(flagged) or 'the --config flags'}") from err
-        if len(rest) > 1:
-            raise AnchorError(f"unexpected arguments: {' '.join(rest[1:])}")
-        if fv.config is None:
-            raise AnchorError("--config is required, e.g. --config=configs/xattn.py")
-        if not isinstance(fv.config, ml_collections.ConfigDict):
-            # config_flags defers a file it could not load to the first use of the config.
-            try:
-                fv.config.seed  # noqa: B018
-            except OSError as err:
-                cause = [ln.strip() for ln in str(err.__cause__ or err).splitlines() if ln.strip()]
-                raise AnchorError(f"cannot load the config file: {cause[-1] if cause else err}") from err
-        if not fv.workdir:
-            raise AnchorError("--workdir is required")
-        if fv.multihost:
-            jax.distributed.initialize()
-        summary = generate_anchors(fv.config, fv.workdir, progress=fv.progress)
-    except (flags.Error, *_ERRORS) as err:
-        print(f"error: {_one_line(err)}", file=sys.stderr)
+        config, workdir, _ = cli.parse(fv, argv, AnchorError)
+        summary = generate_anchors(config, workdir, progress=fv.progress)
+    except _ERRORS as err:
+        print(f"error: {cli.one_line(err)}", file=sys.stderr)
         return 1
     if _process_index() == 0:
         print(summary["message"])

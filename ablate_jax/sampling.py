@@ -147,6 +147,12 @@ def generate(
         raise ValueError(f"latents must have shape {(len(prompts), *shape)}, got {tuple(latents.shape)}")
 
     run = _compiled(pipeline, cfg, mesh)
+    rep, batch = sharding.replicated(mesh), sharding.batch_sharded(mesh)
+    # With several processes jit takes only global arrays: each process runs this call with the
+    # same prompts and contributes its devices' slices (once, not per batch, for the parameters).
+    multiprocess = jax.process_count() > 1
+    if multiprocess:
+        params = sharding.put(params, rep)
     ids = tokenize(pipeline, prompts)
     uncond_ids = tokenize(pipeline, [""])
     indices = np.arange(start_index, start_index + len(prompts))
@@ -164,8 +170,11 @@ def generate(
             sharding.pad_batch(np.asarray(a[lo:hi]), batch_size)
             for a in (ids, jax.random.key_data(step_keys), latents)
         ]
-        images = run(params, chunk[0], uncond_ids, jax.random.wrap_key_data(chunk[1]), chunk[2])
-        out.append(np.asarray(jax.device_get(images))[: hi - lo])
+        args = (params, chunk[0], uncond_ids, chunk[1], chunk[2])
+        if multiprocess:
+            args = (params, *sharding.put(tuple(args[1:]), (batch, rep, batch, batch)))
+        images = run(args[0], args[1], args[2], jax.random.wrap_key_data(args[3]), args[4])
+        out.append(sharding.to_host(images)[: hi - lo])
         bar.update(hi - lo)
     bar.close()
     images = np.concatenate(out)

@@ -28,7 +28,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from ablate_jax import checkpointing, losses, sampling, sharding
+from ablate_jax import checkpointing, distributed, losses, sampling, sharding
 from ablate_jax import config as config_lib
 from ablate_jax import params as params_lib
 from ablate_jax.concepts import Concept, ConceptError, EvalSet, misspell, replace_word
@@ -135,13 +135,20 @@ def compiled_train_step(pipeline: Pipeline, selection: params_lib.Selection, los
     """
     lr, weight_decay, clip_norm = optimizer
     tx = params_lib.optimizer(lr, weight_decay=weight_decay, clip_norm=clip_norm)
-    rep, batch = sharding.replicated(mesh), sharding.batch_sharded(mesh)
+    state_sharding, base_sharding = state_shardings(pipeline, selection, tx, mesh)
     return jax.jit(
         make_train_step(pipeline, selection, loss_cfg, tx, seed=seed, stop_sot_kv_grad=stop_sot_kv_grad),
-        in_shardings=(rep, rep, batch),
-        out_shardings=(rep, rep),
+        in_shardings=(state_sharding, base_sharding, sharding.batch_sharded(mesh)),
+        out_shardings=(state_sharding, sharding.replicated(mesh)),
         donate_argnums=(0,),
     )
+
+
+def state_shardings(pipeline: Pipeline, selection: params_lib.Selection, tx: optax.GradientTransformation,
+                    mesh: jax.sharding.Mesh) -> tuple[Any, Any]:
+    """Layouts of the train state and of the frozen base: replicated, or split on the ``fsdp`` axis."""
+    abstract = jax.eval_shape(lambda p: checkpointing.initial_state(selection.split(p), tx), pipeline.params)
+    return sharding.tree_shardings(mesh, abstract), sharding.tree_shardings(mesh, pipeline.params)
 
 
 # ------------------------------------------------------------------------------------------------ stages
@@ -170,6 +177,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise TrainError(f"unknown params group {config.params!r}; choose one of {', '.join(params_lib.GROUPS)}")
     if config.dtype not in ("float32", "bfloat16"):
         raise TrainError(f"dtype must be float32 or bfloat16, got {config.dtype!r}")
+    if config.mesh.fsdp < 1:
+        raise TrainError(f"mesh.fsdp must be at least 1, got {config.mesh.fsdp}")
     loss_config(config).validate()
 
 
@@ -193,13 +202,14 @@ def train(ctx: RunContext, *, progress: bool = True) -> dict[str, Any]:
     tx = checkpointing.optimizer_for(config)
     loss_cfg = loss_config(config)
 
-    rep, batch_sharding = sharding.replicated(mesh), sharding.batch_sharded(mesh)
-    base = jax.device_put(pipeline.params, rep)
-    state = jax.device_put(checkpointing.initial_state(selection.split(pipeline.params), tx), rep)
+    batch_sharding = sharding.batch_sharded(mesh)
+    state_sharding, base_sharding = state_shardings(pipeline, selection, tx, mesh)
+    base = sharding.put(pipeline.params, base_sharding)
+    state = sharding.put(checkpointing.initial_state(selection.split(pipeline.params), tx), state_sharding)
     mngr = checkpointing.manager(ctx.workdir)
     start = 0
     if mngr.latest_step() is not None:
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), state)
+        abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_sharding)
         state, position = checkpointing.restore(mngr, abstract)
         start = int(position["step"])
         log.info("resumed from the checkpoint at step %d", start)
@@ -218,8 +228,11 @@ def train(ctx: RunContext, *, progress: bool = True) -> dict[str, Any]:
     step_fn = compiled_train_step(pipeline, selection, loss_cfg, (t.learning_rate, t.weight_decay, t.clip_norm),
                                   config.seed, config.stop_sot_kv_grad, mesh)
     writer = metric_writers.create_default_writer(str(ctx.workdir / "logs"), just_logging=jax.process_index() > 0)
-    log.info("training %s (%s scalars) for %d steps, global batch %d on %d devices",
-             config.params, f"{selection.count(pipeline.params):,}", steps, config.train.batch_size, n_dev)
+    log.info("training %s (%s scalars) for %d steps, global batch %d on %d devices%s",
+             config.params, f"{selection.count(pipeline.params):,}", steps, config.train.batch_size, n_dev,
+             f" in {jax.process_count()} processes" if jax.process_count() > 1 else "")
+    if sharding.fsdp_size(mesh) > 1:
+        log.info("fsdp: parameters and optimizer state split over %d devices", sharding.fsdp_size(mesh))
 
     def device_batch(step: int) -> dict[str, jax.Array]:
         local = data.batch(step)
@@ -236,7 +249,7 @@ def train(ctx: RunContext, *, progress: bool = True) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     window_t, window_steps = time.perf_counter(), 0
-    bar = tqdm(total=steps, initial=start, desc="train", unit="step", disable=not progress)
+    bar = tqdm(total=steps, initial=start, desc="train", unit="step", disable=not progress or not distributed.is_primary())
     metrics = None
     delay = float(os.environ.get(STEP_DELAY_ENV, "0") or 0)
     for step in range(start, steps):
@@ -245,7 +258,7 @@ def train(ctx: RunContext, *, progress: bool = True) -> dict[str, Any]:
         window_steps += 1
         bar.update(1)
         if done % config.train.log_every == 0 or done == steps:
-            m = jax.device_get(metrics)
+            m = jax.tree.map(sharding.to_host, metrics)
             check(m, done)
             now = time.perf_counter()
             scalars = {k: float(v) for k, v in m.items() if k != "nonfinite"}
@@ -254,7 +267,7 @@ def train(ctx: RunContext, *, progress: bool = True) -> dict[str, Any]:
             bar.set_postfix(loss=f"{scalars['loss']:.4f}")
             window_t, window_steps = now, 0
         if done % config.train.checkpoint_every == 0 or done == steps:
-            check(jax.device_get(metrics), done)
+            check(jax.tree.map(sharding.to_host, metrics), done)
             checkpointing.save(mngr, done, state, {"step": done, "examples_seen": done * config.train.batch_size})
         if delay:
             mngr.wait_until_finished()
@@ -264,7 +277,7 @@ def train(ctx: RunContext, *, progress: bool = True) -> dict[str, Any]:
     writer.flush()
     seconds = time.perf_counter() - t0
     return {"steps": steps, "seconds": seconds, "skipped": False, "trainable": selection.count(pipeline.params),
-            "final_loss": float(jax.device_get(metrics)["loss"]) if metrics is not None else None}
+            "final_loss": float(sharding.to_host(metrics["loss"])) if metrics is not None else None}
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, pipeline: Pipeline | None = None,
@@ -286,7 +299,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, pipeli
         raise TrainError(f"the target {concept.target!r} has no token of its own to train (all shared with the anchor)")
     # Refuse a foreign workdir before generating anything into it.
     checkpointing.check_fingerprint(config, workdir, write=False)
-    ctx = RunContext(config, workdir, pipeline, concept, sharding.make_mesh())
+    ctx = RunContext(config, workdir, pipeline, concept, make_mesh(config))
     timing: dict[str, float] = {}
 
     t = time.perf_counter()
@@ -316,6 +329,14 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, pipeli
     return report
 
 
+def make_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
+    """The run's mesh over every device of every process."""
+    n, fsdp = jax.device_count(), config.mesh.fsdp
+    if n % fsdp:
+        raise TrainError(f"mesh.fsdp={fsdp} does not divide the {n} devices")
+    return sharding.make_mesh(fsdp=fsdp)
+
+
 def misspelled_sets(config: ml_collections.ConfigDict, concept: Concept) -> tuple[EvalSet, ...]:
     """The target set with a one-letter misspelling of the target (the paper's robustness check)."""
     if not config.eval.misspelling or concept.kind == "memorization":
@@ -334,7 +355,7 @@ def misspelled_sets(config: ml_collections.ConfigDict, concept: Concept) -> tupl
 
 # ------------------------------------------------------------------------------------------------ CLI
 
-_ERRORS = (TrainError, ConceptError, config_lib.ConfigError, ModelLoadError, checkpointing.CheckpointError,
+_ERRORS = (TrainError, distributed.DistributedError, ConceptError, config_lib.ConfigError, ModelLoadError, checkpointing.CheckpointError,
            params_lib.ParamsError, ValueError)
 
 
@@ -345,16 +366,22 @@ def main(argv: list[str]) -> None:
 
     del argv
     config = flags.FLAGS.config
-    workdir = flags.FLAGS.workdir or str(Path("workdirs") / default_run_name(config))
+    workdir = flags.FLAGS.workdir
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("ablate_jax").setLevel(logging.INFO)
     # orbax and TensorFlow report every read and write at INFO through absl; keep the log to our stages.
     logging.getLogger("absl").setLevel(logging.WARNING)
     try:
+        if distributed.initialize_from_flags() and not workdir:
+            # Each process would stamp its own time into the default name.
+            raise TrainError("a multi-process run needs --workdir (a folder every process can reach)")
+        workdir = workdir or str(Path("workdirs") / default_run_name(config))
         report = run(config, workdir, progress=sys.stderr.isatty() or not os.environ.get("CI"))
     except _ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    if not distributed.is_primary():
+        return
     if "sets" in report:
         print(evaluate.format_table(report))
     print(json.dumps(report.get("timing_s", {}), indent=None))
@@ -373,6 +400,7 @@ def cli() -> None:
     config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/xattn.py[:concept=toy_smiley]",
                                     lock_config=True)
     flags.DEFINE_string("workdir", None, "run directory (default: workdirs/<concept>-<params>-<time>)")
+    distributed.define_flags()
     flags.mark_flags_as_required(["config"])
     app.run(main)
 

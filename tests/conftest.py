@@ -29,3 +29,12 @@ def tiny_sd2_path(tmp_path_factory):
     from tiny_models import save_tiny_pipeline
 
     return save_tiny_pipeline(tmp_path_factory.mktemp("models") / "sd2", kind="sd2", seed=1)
+
+
+@pytest.fixture(scope="session")
+def toy_pipe():
+    """One loaded toy model for the session's training runs, so that they share compiled programs
+    (they are cached per pipeline object)."""
+    from ablate_jax.models import load_pipeline
+
+    return load_pipeline("toy")

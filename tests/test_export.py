@@ -23,7 +23,6 @@ from ablate_jax import checkpointing, export, sharding, toy
 from ablate_jax import config as config_lib
 from ablate_jax import params as params_lib
 from ablate_jax.export import ExportError
-from ablate_jax.models import load_pipeline
 from ablate_jax.sampling import SamplingConfig, generate, initial_latents, latent_shape, tokenize
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,11 +51,6 @@ def perturbed(selection, params, seed: int, scale: float):
     noisy = {k: v + scale * float(np.std(v)) * rng.standard_normal(v.shape).astype(np.float32)
              for k, v in trainable.items()}
     return selection.merge(params, noisy), noisy
-
-
-@pytest.fixture(scope="module")
-def toy_pipe():
-    return load_pipeline("toy")
 
 
 @pytest.fixture(scope="module", params=["xattn", "embedding"])

@@ -48,14 +48,6 @@ def _trained(config, workdir, pipe):
 
 
 @pytest.fixture(scope="module")
-def toy_pipe():
-    """One loaded toy model for every run in this module, so they share compiled programs."""
-    from ablate_jax.models import load_pipeline
-
-    return load_pipeline("toy")
-
-
-@pytest.fixture(scope="module")
 def default_run(tmp_path_factory, toy_pipe):
     """The default config, exactly as `make demo` runs it."""
     workdir = tmp_path_factory.mktemp("runs") / "default"
