@@ -27,7 +27,7 @@ demo: $(VENV)/.stamp-run
 	$(BIN)/python -m ablate_jax.train --config=configs/xattn.py --workdir=workdirs/demo-$$(date +%Y%m%d-%H%M%S)
 
 test: $(VENV)/.stamp-test
-	$(BIN)/python -m pytest -q -m "not slow" tests $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -m "not slow" --durations=15 tests $(PYTEST_ARGS)
 
 test-slow: $(VENV)/.stamp-test
 	$(BIN)/python -m pytest -q -m slow tests $(PYTEST_ARGS)

@@ -205,7 +205,10 @@ def train(ctx: RunContext, *, progress: bool = True) -> dict[str, Any]:
     batch_sharding = sharding.batch_sharded(mesh)
     state_sharding, base_sharding = state_shardings(pipeline, selection, tx, mesh)
     base = sharding.put(pipeline.params, base_sharding)
-    state = sharding.put(checkpointing.initial_state(selection.split(pipeline.params), tx), state_sharding)
+    # The state is donated to every step, so it must not share buffers with the base (on one
+    # device, putting an array where it already is returns the same buffer).
+    trainable = jax.tree.map(jnp.copy, selection.split(pipeline.params))
+    state = sharding.put(checkpointing.initial_state(trainable, tx), state_sharding)
     mngr = checkpointing.manager(ctx.workdir)
     start = 0
     if mngr.latest_step() is not None:

@@ -73,7 +73,7 @@ def sampling_flops(pipe, batch: int, resolution: int, steps: int) -> float:
     p = abstract(pipe.params)
     x = jax.ShapeDtypeStruct((2 * batch, lat, lat, 4), jnp.float32)
     t = jax.ShapeDtypeStruct((2 * batch,), jnp.int32)
-    ctx = jax.ShapeDtypeStruct((2 * batch, 77, 768), jnp.float32)
+    ctx = jax.ShapeDtypeStruct((2 * batch, 77, unet.cross_attention_dim), jnp.float32)
     unet_f = flops(jax.jit(lambda p, x, t, c: unet.apply({"params": p}, x, t, c)).lower(p["unet"], x, t, ctx))
     z = jax.ShapeDtypeStruct((batch, lat, lat, 4), jnp.float32)
     vae_f = flops(jax.jit(lambda p, z: vae.apply({"params": p}, z, method=vae.decode)).lower(p["vae"], z))

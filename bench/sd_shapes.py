@@ -60,13 +60,32 @@ class _Tokenizer:
         return types.SimpleNamespace(input_ids=ids)
 
 
-def pipeline(*, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, abstract: bool = True,
+# The same layout (blocks, layers, heads, 77 tokens) at a sliver of the width: for checking the
+# scripts on a CPU, not for timing.
+TINY = {
+    "unet": {"block_out_channels": [32, 64, 64, 64], "norm_num_groups": 8, "cross_attention_dim": 64},
+    "vae": {"block_out_channels": [16, 32, 32, 32], "norm_num_groups": 8},
+    "text": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4},
+}
+
+
+def configs(size: str = "full") -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """``(unet, vae, text)`` configs: ``full`` (SD 1.x) or ``tiny`` (same layout, narrow)."""
+    if size not in ("full", "tiny"):
+        raise ValueError(f"size must be 'full' or 'tiny', got {size!r}")
+    if size == "full":
+        return dict(UNET), dict(VAE), dict(TEXT)
+    return {**UNET, **TINY["unet"]}, {**VAE, **TINY["vae"]}, {**TEXT, **TINY["text"]}
+
+
+def pipeline(*, size: str = "full", dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, abstract: bool = True,
              attention_implementation: str | None = None, seed: int = 0) -> Pipeline:
     """SD 1.x-shaped modules with abstract (or random) parameters; ``dtype`` is the compute dtype."""
+    unet_cfg, vae_cfg, text_cfg = configs(size)
     attn = {"attention_implementation": attention_implementation} if attention_implementation else {}
-    unet = UNet2DConditionModel.from_config(UNET, dtype=dtype, param_dtype=param_dtype, **attn)
-    vae = AutoencoderKL.from_config(VAE, dtype=dtype, param_dtype=param_dtype)
-    text = CLIPTextModel.from_config(TEXT, dtype=dtype, param_dtype=param_dtype, **attn)
+    unet = UNet2DConditionModel.from_config(unet_cfg, dtype=dtype, param_dtype=param_dtype, **attn)
+    vae = AutoencoderKL.from_config(vae_cfg, dtype=dtype, param_dtype=param_dtype)
+    text = CLIPTextModel.from_config(text_cfg, dtype=dtype, param_dtype=param_dtype, **attn)
     keys = jax.random.split(jax.random.key(seed), 3)
 
     def init(module, key):
