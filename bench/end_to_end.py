@@ -1,10 +1,13 @@
-"""Wall time of the default job (what `make demo` runs), by stage, on this machine.
+"""Wall time of the whole job by stage, ablate_jax against the same job written with diffusers.
 
-    python bench/end_to_end.py [--config configs/xattn.py] [--arg concept=toy_striped]
+    python bench/end_to_end.py [--config configs/xattn.py] [--arg preserve.weight=0] [--no-reference]
 
-Runs anchors -> train -> evaluate -> export in a fresh temporary workdir, then prints each
-stage's seconds and the total. There is no PyTorch counterpart of the whole job to compare with;
-per-stage speed against diffusers is measured by bench/sampling.py.
+Runs anchors -> train -> evaluate -> export in a fresh temporary workdir, then the reference job
+(bench/reference_torch.py: the same number of anchor images with the same sampler, steps and
+guidance; the same number of train steps at the same batch; the same evaluation sets, images
+per set, sampler and steps, with CLIP scoring) in the same process, and prints each stage's
+seconds for both and the ratio. The reference has no preservation term, so compare with
+``--arg preserve.weight=0`` for the same training work (the default config preserves a sibling).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=str(ROOT / "configs" / "xattn.py"))
     ap.add_argument("--arg", default=None, help="the config's arg string, e.g. concept=toy_striped")
+    ap.add_argument("--no-reference", action="store_true", help="time ablate_jax alone")
     args = ap.parse_args()
 
     import jax
@@ -40,7 +44,51 @@ def main() -> None:
     timing = {k: round(v, 1) for k, v in report.get("timing_s", {}).items()}
     result = {"config": Path(args.config).name, "arg": args.arg, "devices": jax.device_count(),
               "backend": jax.default_backend(), "stages_s": timing, "total_s": round(total, 1)}
+    if not args.no_reference:
+        result["reference_stages_s"], result["reference_clip_scores"] = run_reference(config)
+        ref = result["reference_stages_s"]
+        result["reference_total_s"] = round(sum(ref.values()), 1)
+        print(f"{'stage':8} {'ablate_jax s':>12} {'diffusers s':>12} {'ratio':>7}")
+        for stage in ("anchors", "train", "eval"):
+            print(f"{stage:8} {timing[stage]:12.1f} {ref[stage]:12.1f} {ref[stage] / timing[stage]:7.2f}")
+        same = sum(timing[k] for k in ref)
+        print(f"{'total':8} {same:12.1f} {result['reference_total_s']:12.1f} {result['reference_total_s'] / same:7.2f}")
+        result["speedup_vs_torch"] = round(result["reference_total_s"] / same, 2)
     print(json.dumps(result, indent=1))
+    if "speedup_vs_torch" in result:
+        print(f"speedup_vs_torch={result['speedup_vs_torch']}")
+
+
+def run_reference(config) -> tuple[dict[str, float], list[float]]:
+    """The reference job with the config's sizes; seconds per stage (rounded) and CLIP scores."""
+    import sys  # noqa: PLC0415
+
+    import torch  # noqa: PLC0415
+
+    from ablate_jax import evaluate, train  # noqa: PLC0415
+    from ablate_jax.config import concept_from_config  # noqa: PLC0415
+    from ablate_jax.models.loading import resolve_path  # noqa: PLC0415
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from reference_torch import reference_job  # noqa: PLC0415
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    concept = concept_from_config(config)
+    n = int(config.eval.num_images)
+    sets = [*concept.eval_sets, *train.misspelled_sets(config, concept)]
+    eval_sets = [(evaluate.set_prompts(s, n), evaluate.toy_phrase(s.concept) if config.eval.clip == "toy"
+                  else s.concept) for s in sets]
+    import jax  # noqa: PLC0415
+
+    stages, scores = reference_job(
+        resolve_path(config.model), resolve_path(config.eval.clip, toy_component="clip"),
+        anchor_prompts=concept.usable_anchor_prompts(), num_anchors=int(config.anchors.num_images),
+        anchor_steps=int(config.anchors.steps), anchor_guidance=float(config.anchors.guidance),
+        anchor_batch=int(config.anchors.batch_size) * jax.device_count(), train_steps=int(config.train.steps),
+        batch_size=int(config.train.batch_size), lr=float(config.train.learning_rate), target=concept.targets[0],
+        anchor=concept.anchor, eval_sets=eval_sets, eval_steps=int(config.eval.steps), eval_eta=float(config.eval.eta),
+        eval_guidance=float(config.eval.guidance), eval_batch=int(config.eval.batch_size), seed=int(config.seed))
+    return {k: round(v, 1) for k, v in stages.items()}, [round(x, 4) for x in scores]
 
 
 if __name__ == "__main__":
