@@ -80,6 +80,14 @@ def restore(mngr: ocp.CheckpointManager, abstract_state: Any, step: int | None =
     return out["state"], dict(out["data"])
 
 
+def abstract_state(tree: Any, shardings: Any) -> Any:
+    """``tree``'s shapes and dtypes laid out by ``shardings`` (one sharding, or a tree matching
+    ``tree``): the target :func:`restore` fills."""
+    if isinstance(shardings, jax.sharding.Sharding):
+        shardings = jax.tree.map(lambda _: shardings, tree)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
 def selection_for(config: ml_collections.ConfigDict, pipeline: Pipeline, concept: Concept) -> params_lib.Selection:
     """What the config's parameter group trains on this pipeline."""
     ids: list[int] = []
@@ -103,9 +111,8 @@ def restore_ablated_params(config: ml_collections.ConfigDict, workdir: str | os.
     trainable = sel.split(pipeline.params)
     # Replicated over every process's devices, then brought to the host: each process gets the
     # whole trained state, whatever layout (data parallel, fsdp) wrote it.
-    rep = sharding.replicated(sharding.make_mesh())
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
-                            jax.eval_shape(lambda: initial_state(trainable, optimizer_for(config))))
+    abstract = abstract_state(jax.eval_shape(lambda: initial_state(trainable, optimizer_for(config))),
+                              sharding.replicated(sharding.make_mesh()))
     state, _ = restore(mngr, abstract, step)
     return sel.merge(pipeline.params, jax.tree.map(sharding.to_host, state["params"]))
 

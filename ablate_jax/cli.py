@@ -46,11 +46,11 @@ def one_line(err: BaseException) -> str:
     return lines[0]
 
 
-def parse(fv, argv: list[str], error: Callable[[str], Exception]) -> tuple[ml_collections.ConfigDict, str, list[str]]:
-    """Parses ``argv`` into ``fv``: the config, the workdir and the arguments left over.
+def parse(fv, argv: list[str], error: Callable[[str], Exception]) -> tuple[ml_collections.ConfigDict, str]:
+    """Parses ``argv`` into ``fv`` and starts the multi-process runtime if asked: the config and the workdir.
 
-    Raises ``error(message)`` for a missing, unloadable or misspelled config, an unknown flag or
-    a missing ``--workdir``.
+    Raises ``error(message)`` for a missing, unloadable or misspelled config, an unknown flag,
+    a missing ``--workdir``, arguments left over, or multi-process flags that do not fit.
     """
     from absl import flags  # noqa: PLC0415
 
@@ -80,4 +80,4 @@ def parse(fv, argv: list[str], error: Callable[[str], Exception]) -> tuple[ml_co
         distributed.initialize_from_flags(fv)
     except distributed.DistributedError as err:
         raise error(str(err)) from err
-    return config, fv.workdir, rest
+    return config, fv.workdir

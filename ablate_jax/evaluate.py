@@ -400,7 +400,7 @@ def _parse(argv: list[str]) -> tuple[ml_collections.ConfigDict, str, bool, bool]
     fv = cli.flag_values(argv, "the run's folder; results go to WORKDIR/eval/")
     flags.DEFINE_bool("base_only", False, "evaluate the pretrained model alone (needs no checkpoint)", flag_values=fv)
     flags.DEFINE_bool("progress", True, "show progress bars", flag_values=fv)
-    config, workdir, _ = cli.parse(fv, argv, EvalError)
+    config, workdir = cli.parse(fv, argv, EvalError)
     return config, workdir, fv.base_only, fv.progress
 
 

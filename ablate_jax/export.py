@@ -619,9 +619,7 @@ def _parse(argv: list[str]) -> tuple[ml_collections.ConfigDict, str, bool]:
 
     fv = cli.flag_values(argv, "the run's folder; the export goes to WORKDIR/export/")
     flags.DEFINE_bool("overwrite", False, "replace an existing export of another run", flag_values=fv)
-    config, workdir, rest = cli.parse(fv, argv, ExportError)
-    if len(rest) > 1:
-        raise ExportError(f"unexpected arguments: {' '.join(rest[1:])}")
+    config, workdir = cli.parse(fv, argv, ExportError)
     return config, workdir, fv.overwrite
 
 

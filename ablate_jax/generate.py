@@ -47,7 +47,7 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from ablate_jax import sampling, sharding
+from ablate_jax import distributed, sampling, sharding
 from ablate_jax.concepts import Concept, ConceptError
 from ablate_jax.config import ANCHOR_KEYS, ConfigError, anchor_sampling, concept_from_config, fingerprint
 from ablate_jax.models.loading import CLIP, ModelLoadError, Pipeline, load_clip, load_pipeline
@@ -257,10 +257,7 @@ def _process_count() -> int:
 
 
 def _barrier(name: str) -> None:
-    if _process_count() > 1:
-        from jax.experimental import multihost_utils  # noqa: PLC0415
-
-        multihost_utils.sync_global_devices(name)
+    distributed.barrier(name)
 
 
 def _local_mesh(mesh: jax.sharding.Mesh | None) -> jax.sharding.Mesh:
@@ -687,7 +684,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("ablate_jax").setLevel(logging.INFO)
     logging.getLogger("absl").setLevel(logging.ERROR)  # TFDS's notes on reading its own metadata
     try:
-        config, workdir, _ = cli.parse(fv, argv, AnchorError)
+        config, workdir = cli.parse(fv, argv, AnchorError)
         summary = generate_anchors(config, workdir, progress=fv.progress)
     except _ERRORS as err:
         print(f"error: {cli.one_line(err)}", file=sys.stderr)

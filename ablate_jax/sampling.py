@@ -151,10 +151,10 @@ def generate(
     # With several processes jit takes only global arrays: each process runs this call with the
     # same prompts and contributes its devices' slices (once, not per batch, for the parameters).
     multiprocess = jax.process_count() > 1
-    if multiprocess:
-        params = sharding.put(params, rep)
     ids = tokenize(pipeline, prompts)
     uncond_ids = tokenize(pipeline, [""])
+    if multiprocess:
+        params, uncond_ids = sharding.put(params, rep), sharding.put(uncond_ids, rep)
     indices = np.arange(start_index, start_index + len(prompts))
     keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(indices)
     if latents is None:
@@ -166,14 +166,14 @@ def generate(
     bar = tqdm(total=len(prompts), desc="sampling", unit="img", disable=not progress)
     for lo in range(0, len(prompts), batch_size):
         hi = min(lo + batch_size, len(prompts))
-        chunk = [
+        chunk = tuple(
             sharding.pad_batch(np.asarray(a[lo:hi]), batch_size)
             for a in (ids, jax.random.key_data(step_keys), latents)
-        ]
-        args = (params, chunk[0], uncond_ids, chunk[1], chunk[2])
+        )
         if multiprocess:
-            args = (params, *sharding.put(tuple(args[1:]), (batch, rep, batch, batch)))
-        images = run(args[0], args[1], args[2], jax.random.wrap_key_data(args[3]), args[4])
+            chunk = sharding.put(chunk, (batch, batch, batch))
+        chunk_ids, chunk_keys, chunk_latents = chunk
+        images = run(params, chunk_ids, uncond_ids, jax.random.wrap_key_data(chunk_keys), chunk_latents)
         out.append(sharding.to_host(images)[: hi - lo])
         bar.update(hi - lo)
     bar.close()

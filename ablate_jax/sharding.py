@@ -82,10 +82,8 @@ def put(tree: Any, shardings: Any) -> Any:
     def one(x, s):
         if isinstance(x, jax.Array) and x.sharding == s:
             return x
-        if s.is_fully_addressable:
-            return jax.device_put(x, s)
-        if isinstance(x, jax.Array) and not x.is_fully_addressable:
-            return jax.device_put(x, s)  # a global array changing layout
+        if s.is_fully_addressable or (isinstance(x, jax.Array) and not x.is_fully_addressable):
+            return jax.device_put(x, s)  # onto this process's devices, or a global array changing layout
         host = np.asarray(x)
         # Each process supplies the slices its own devices hold, cut from its full copy.
         return jax.make_array_from_callback(host.shape, s, lambda index: host[index])

@@ -212,8 +212,7 @@ def train(ctx: RunContext, *, progress: bool = True) -> dict[str, Any]:
     mngr = checkpointing.manager(ctx.workdir)
     start = 0
     if mngr.latest_step() is not None:
-        abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_sharding)
-        state, position = checkpointing.restore(mngr, abstract)
+        state, position = checkpointing.restore(mngr, checkpointing.abstract_state(state, state_sharding))
         start = int(position["step"])
         log.info("resumed from the checkpoint at step %d", start)
     steps = config.train.steps
@@ -260,17 +259,19 @@ def train(ctx: RunContext, *, progress: bool = True) -> dict[str, Any]:
         done = step + 1
         window_steps += 1
         bar.update(1)
-        if done % config.train.log_every == 0 or done == steps:
+        log_now = done % config.train.log_every == 0 or done == steps
+        save_now = done % config.train.checkpoint_every == 0 or done == steps
+        if log_now or save_now:
             m = jax.tree.map(sharding.to_host, metrics)
             check(m, done)
+        if log_now:
             now = time.perf_counter()
             scalars = {k: float(v) for k, v in m.items() if k != "nonfinite"}
             scalars |= {"learning_rate": config.train.learning_rate, "steps_per_sec": window_steps / (now - window_t)}
             writer.write_scalars(done, scalars)
             bar.set_postfix(loss=f"{scalars['loss']:.4f}")
             window_t, window_steps = now, 0
-        if done % config.train.checkpoint_every == 0 or done == steps:
-            check(jax.tree.map(sharding.to_host, metrics), done)
+        if save_now:
             checkpointing.save(mngr, done, state, {"step": done, "examples_seen": done * config.train.batch_size})
         if delay:
             mngr.wait_until_finished()

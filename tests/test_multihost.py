@@ -235,8 +235,7 @@ def test_fsdp_matches_data_parallel(one_process, toy_pipe, tmp_path):
     mngr = checkpointing.manager(tmp_path / "ckpt")
     checkpointing.save(mngr, 2, state, {"step": 2})
     mngr.wait_until_finished()
-    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_sh)
-    restored, position = checkpointing.restore(mngr, abstract)
+    restored, position = checkpointing.restore(mngr, checkpointing.abstract_state(state, state_sh))
     assert position == {"step": 2}
     for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored), strict=True):
         assert a.sharding == b.sharding
