@@ -7,6 +7,7 @@ locks the dict, so a misspelled key fails instead of being silently ignored.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from typing import Any
@@ -35,13 +36,15 @@ def base_config() -> ml_collections.ConfigDict:
     c.concept.target = ""  # several targets separated by ';'
     c.concept.anchor = ""
     c.concept.anchor_prompts = ""  # prompt file, or a built-in set name such as anchor_cat
-    c.concept.preserve = ""  # ';'-separated concepts kept by the preservation term
 
     c.params = "xattn_kv"  # xattn_kv | xattn | attn | full | embedding
     c.loss = "model_based"  # model_based | noise_based
     c.teacher = "frozen"  # frozen | online
     c.prior_weight = 0.0
+    # Surrounding concepts kept by the preservation term; empty means the preset's list. On the
+    # command line: preserve.concepts=frowny;winky.
     c.preserve = ml_collections.ConfigDict()
+    c.preserve.concepts = ()
     c.preserve.weight = 0.0
     c.stop_sot_kv_grad = True
 
@@ -125,10 +128,12 @@ def _set(config: ml_collections.ConfigDict, dotted: str, value: str) -> None:
         raise ConfigError(f"unknown config key {dotted!r}")
     old = node[leaf]
     try:
-        if isinstance(old, bool):
+        if isinstance(old, tuple):
+            new: Any = tuple(v.strip() for v in value.split(";") if v.strip())
+        elif isinstance(old, bool):
             if value.lower() not in ("true", "false", "1", "0"):
                 raise ValueError(value)
-            new: Any = value.lower() in ("true", "1")
+            new = value.lower() in ("true", "1")
         else:
             new = type(old)(value)
     except ValueError as e:
@@ -197,8 +202,8 @@ def concept_from_config(config: ml_collections.ConfigDict) -> concepts.Concept:
         fields["anchor"], changed = c.anchor, changed or c.anchor != fields["anchor"]
     if c.anchor_prompts:
         fields["anchor_prompts"], changed = concepts.prompts_from(c.anchor_prompts), True
-    if c.preserve:
-        fields["preserve"] = concepts.parse_targets(c.preserve)
+    if config.preserve.concepts:
+        fields["preserve"] = tuple(k.strip() for k in config.preserve.concepts if k.strip())
     if not fields["kind"]:
         raise ConfigError("set concept.preset or concept.kind (instance, style or memorization)")
     if not fields["targets"]:
@@ -208,7 +213,20 @@ def concept_from_config(config: ml_collections.ConfigDict) -> concepts.Concept:
     if changed or not fields["eval_sets"]:
         # The preset's evaluation sets describe its own target; rebuild them for the new one.
         fields["eval_sets"] = default_eval_sets(fields)
+    elif config.preserve.concepts:
+        fields["eval_sets"] = _relabel(fields["eval_sets"], fields["preserve"])
     return concepts.Concept(**fields)
+
+
+def _relabel(sets: tuple[concepts.EvalSet, ...], preserve: tuple[str, ...]) -> tuple[concepts.EvalSet, ...]:
+    """Marks a neighbour's set ``preserved`` when training keeps it and ``surrounding`` (held out) when not,
+    so a figure the preservation term was trained on is never read as generalization."""
+    out = []
+    for s in sets:
+        if s.role in ("preserved", "surrounding"):
+            s = dataclasses.replace(s, role="preserved" if s.concept in preserve else "surrounding")
+        out.append(s)
+    return tuple(out)
 
 
 def default_eval_sets(fields: dict[str, Any]) -> tuple[concepts.EvalSet, ...]:

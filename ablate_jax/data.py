@@ -96,7 +96,7 @@ class AnchorBatches:
         if global_batch % process_count:
             raise ValueError(f"train.batch_size {global_batch} is not a multiple of the process count {process_count}")
         if with_keep and not concept.preserve:
-            raise ValueError("preserve.weight > 0 but the concept names no concept to preserve (concept.preserve)")
+            raise ValueError("preserve.weight > 0 but the concept names no concept to preserve (preserve.concepts)")
         self.source, self.concept, self.tokenize = source, concept, tokenize
         self.seed, self.global_batch, self.latent_factor = seed, global_batch, latent_factor
         self.flip, self.rescale, self.with_keep = flip, rescale, with_keep

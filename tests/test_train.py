@@ -201,6 +201,22 @@ def test_unknown_config_key_is_refused():
         xattn.get_config("train.stepz=3")
 
 
+def test_preserve_concepts_come_from_the_preset_and_relabel_the_report_sets():
+    from ablate_jax.config import concept_from_config  # noqa: PLC0415
+
+    roles = lambda c: {s.name: s.role for s in c.eval_sets}  # noqa: E731
+    preset = concept_from_config(xattn.get_config())
+    assert preset.preserve == ("frowny",)
+    assert roles(preset)["frowny"] == "preserved" and roles(preset)["winky"] == "surrounding"
+
+    # Preserving winky too turns its report set from held out to preserved; dropping frowny does the reverse.
+    both = concept_from_config(xattn.get_config("preserve.concepts=frowny;winky"))
+    assert both.preserve == ("frowny", "winky")
+    assert roles(both)["winky"] == "preserved" and roles(both)["gaspy"] == "surrounding"
+    other = concept_from_config(xattn.get_config("preserve.concepts=gaspy"))
+    assert roles(other)["frowny"] == "surrounding" and roles(other)["gaspy"] == "preserved"
+
+
 def test_pickled_model_is_refused(tmp_path):
     from ablate_jax.toy import shipped_path
 
