@@ -120,7 +120,7 @@ class Budget:
 
 BUDGETS = {
     "full": Budget(examples=40_000, clip_steps=1000, clip_batch=128, vae_steps=1200, vae_batch=32,
-                   unet_steps=4000, unet_batch=64, evaluator_steps=2500),
+                   unet_steps=4000, unet_batch=64, evaluator_steps=6000),
     "smoke": Budget(examples=256, clip_steps=6, clip_batch=32, vae_steps=6, vae_batch=16, unet_steps=6, unet_batch=16,
                     evaluator_steps=6),
 }
