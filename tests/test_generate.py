@@ -256,6 +256,8 @@ def test_memorized_images_are_dropped_and_counted(pipe, mesh1, tmp_path, caplog)
 def test_clip_measure_flags_reproductions_of_the_memorized_caption(pipe, mesh1):
     # The measure used for real models, here with the toy world's CLIP: new samples of the
     # memorized caption are close to the base model's own samples of it; the paraphrases' are not.
+    # The toy world's pixel detector is the ground truth: at 8 sampling steps a sample of the
+    # caption can come out loose enough that neither measure calls it a copy.
     from ablate_jax.models import load_clip
     from ablate_jax.sampling import generate as sample
 
@@ -266,6 +268,9 @@ def test_clip_measure_flags_reproductions_of_the_memorized_caption(pipe, mesh1):
     assert measure.references.shape == (config.anchors.memorization_references, 32, 32, 3)
     cfg = generate.anchor_sampling(config)
     key = jax.random.key(1)  # other seeds than the references'
-    copies = sample(pipe, pipe.params, [world.MEMORIZED_CAPTION] * 4, key, cfg, batch_size=1, mesh=mesh1)
-    others = sample(pipe, pipe.params, list(concept.anchor_prompts[:4]), key, cfg, batch_size=1, mesh=mesh1)
-    assert measure.memorized(copies).all() and not measure.memorized(others).any()
+    copies = sample(pipe, pipe.params, [world.MEMORIZED_CAPTION] * 8, key, cfg, batch_size=1, mesh=mesh1)
+    others = sample(pipe, pipe.params, list(concept.anchor_prompts[:8]), key, cfg, batch_size=1, mesh=mesh1)
+    assert measure.memorized(copies).sum() >= 6 and not measure.memorized(others).any()
+    images = np.concatenate([copies, others])
+    truth = world.memorization_similarity(images) > world.MEMORIZATION_THRESHOLD
+    np.testing.assert_array_equal(measure.memorized(images), truth)
