@@ -129,7 +129,7 @@ def _set(config: ml_collections.ConfigDict, dotted: str, value: str) -> None:
     old = node[leaf]
     try:
         if isinstance(old, tuple):
-            new: Any = tuple(v.strip() for v in value.split(";") if v.strip())
+            new: Any = concepts.parse_targets(value)  # the same ";" lists as concept.target
         elif isinstance(old, bool):
             if value.lower() not in ("true", "false", "1", "0"):
                 raise ValueError(value)
