@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -20,7 +19,7 @@ import orbax.checkpoint as ocp
 
 from ablate_jax import config as config_lib
 from ablate_jax import params as params_lib
-from ablate_jax import sharding
+from ablate_jax import sharding, storage
 from ablate_jax.concepts import Concept
 from ablate_jax.models.loading import Pipeline
 
@@ -34,8 +33,8 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used for this run."""
 
 
-def checkpoints_dir(workdir: str | os.PathLike) -> Path:
-    return Path(workdir).absolute() / "checkpoints"
+def checkpoints_dir(workdir: str | os.PathLike) -> storage.AnyPath:
+    return storage.path(workdir) / "checkpoints"
 
 
 def check_fingerprint(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, write: bool) -> None:
@@ -52,9 +51,7 @@ def check_fingerprint(config: ml_collections.ConfigDict, workdir: str | os.PathL
             )
     elif write and jax.process_index() == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(ours, indent=1, sort_keys=True))
-        os.replace(tmp, path)
+        storage.write_text(path, json.dumps(ours, indent=1, sort_keys=True))
 
 
 def manager(workdir: str | os.PathLike, max_to_keep: int = 2) -> ocp.CheckpointManager:

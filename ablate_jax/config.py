@@ -80,6 +80,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.rescale = True  # shrink/zoom augmentation with prompt prefixes (DESIGN.md 1.4)
     c.train.checkpoint_every = 50
     c.train.log_every = 10
+    # Metrics also go to TensorBoard event files in WORKDIR/logs (written through TensorFlow's
+    # file systems, gs:// included); False keeps them in the log only.
+    c.train.tensorboard = True
 
     c.eval = ml_collections.ConfigDict()
     c.eval.enabled = True

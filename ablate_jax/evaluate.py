@@ -17,15 +17,13 @@ and a before/after grid per set (rendering and the schema are in :mod:`ablate_ja
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
-import shutil
 import sys
-import tempfile
 import time
 import zlib
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -34,7 +32,7 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from ablate_jax import cli, concepts, sharding
+from ablate_jax import cli, concepts, sharding, storage
 from ablate_jax.config import concept_from_config, eval_sampling
 from ablate_jax.models.loading import CLIP, Pipeline, load_clip, load_pipeline
 from ablate_jax.report import before_after_grid, check_report, format_table, grid_filename, write_report
@@ -244,10 +242,10 @@ def _memorization_detector(config: ml_collections.ConfigDict, clip: CLIP) -> tup
     if config.eval.memorized_image:
         from PIL import Image  # noqa: PLC0415
 
-        path = Path(config.eval.memorized_image)
+        path = storage.path(config.eval.memorized_image)
         if not path.is_file():
             raise EvalError(f"eval.memorized_image {path} does not exist")
-        with Image.open(path) as im:
+        with path.open("rb") as f, Image.open(f) as im:
             ref = image_embeddings(clip, np.asarray(im.convert("RGB"))[None])[0]
         return "clip_reference_image", threshold, lambda images, emb, base_emb: emb @ ref
     # Without the picture itself, a memorized caption is recognised by the base model drawing
@@ -313,11 +311,10 @@ def evaluate_run(
         mem_sets: list[str] = []
 
     write = jax.process_index() == 0  # every process computes; one writes
-    eval_dir = Path(workdir) / "eval"
-    stage = None
-    if write:
-        Path(workdir).mkdir(parents=True, exist_ok=True)
-        stage = Path(tempfile.mkdtemp(prefix=".eval-", dir=workdir))
+    eval_dir = storage.path(workdir) / "eval"
+    # Grids are drawn into a local staging folder and moved into eval/ once the report is whole.
+    cleanup = contextlib.ExitStack()
+    stage = cleanup.enter_context(storage.staging(storage.path(workdir), ".eval-")) if write else None
     gen_bar = tqdm(total=len(sets) * len(models) * n, desc="generating", unit="img", disable=not progress or not write)
     score_bar = tqdm(total=len(sets), desc="scoring", unit="set", disable=not progress or not write)
     try:
@@ -380,15 +377,14 @@ def evaluate_run(
         check_report(report)
         if stage is not None:
             eval_dir.mkdir(parents=True, exist_ok=True)
-            for f in stage.iterdir():
-                os.replace(f, eval_dir / f.name)
+            for f in sorted(stage.iterdir()):
+                storage.move(f, eval_dir / f.name)
             write_report(report, eval_dir)
         return report
     finally:
         gen_bar.close()
         score_bar.close()
-        if stage is not None:
-            shutil.rmtree(stage, ignore_errors=True)
+        cleanup.close()
 
 
 # ------------------------------------------------------------------------------------------------ command line
@@ -429,7 +425,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {cli.one_line(err)}", file=sys.stderr)
         return 1
     print(format_table(report))
-    print(f"wrote {Path(workdir) / 'eval'}: report.json, report.md and a grid per set")
+    print(f"wrote {storage.path(workdir) / 'eval'}: report.json, report.md and a grid per set")
     return 0
 
 

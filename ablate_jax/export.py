@@ -46,8 +46,6 @@ import re
 import shutil
 import struct
 import sys
-import tempfile
-import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -59,7 +57,7 @@ import numpy as np
 import safetensors.numpy
 from etils import epath
 
-from ablate_jax import checkpointing, cli, distributed, sharding
+from ablate_jax import checkpointing, cli, distributed, sharding, storage
 from ablate_jax import config as config_lib
 from ablate_jax import params as params_lib
 from ablate_jax.models import loading
@@ -426,7 +424,7 @@ def export_run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
     and the workdir has no checkpoint. An existing export of the same run is returned unchanged;
     one of another run raises :class:`ExportError` unless ``overwrite`` (or ``config.export.overwrite``).
     """
-    workdir = Path(workdir).absolute()
+    workdir = storage.path(workdir)
     final = workdir / EXPORT_DIR
     overwrite = overwrite or bool(config.get("export", {}).get("overwrite", False))
     fingerprint = _run_fingerprint(config)
@@ -461,15 +459,15 @@ def export_run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
     # (even when the writer fails) so that none returns before the export is in place.
     try:
         if jax.process_index() == 0:
-            _remove_leftovers(workdir)
-            tmp = Path(tempfile.mkdtemp(prefix=EXPORT_DIR + ".tmp-", dir=_mkdir(workdir)))
-            try:
+            if not storage.is_remote(workdir):
+                _remove_leftovers(workdir)
+            # Built in a local folder, then put in place whole: a rename locally; on a bucket an
+            # upload with export.json last, whose presence marks the export complete.
+            with storage.staging(workdir, EXPORT_DIR + ".tmp-") as tmp:
                 record = _write_export(tmp, config, pipeline, selection, concept, trained, fingerprint, step,
                                        trained_hash)
                 _make_readable(tmp)
-                _replace(tmp, final)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
+                storage.replace_dir(tmp, final, last=RECORD_FILE)
             log.info("exported %s (%d tensors in the delta, components replaced: %s)", final,
                      record["delta"]["tensors"], ", ".join(record["components_replaced"]))
     finally:
@@ -491,11 +489,6 @@ def _same_run(record: Mapping[str, Any], config_hash: str, step: int | None, tra
     return same
 
 
-def _mkdir(path: Path) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
 def _remove_leftovers(workdir: Path) -> None:
     """Temporary folders of an export that was killed before its rename."""
     for p in workdir.glob(EXPORT_DIR + ".*-*"):
@@ -506,39 +499,13 @@ def _remove_leftovers(workdir: Path) -> None:
 
 def _make_readable(folder: Path) -> None:
     """The modes of ordinary files and folders: mkdtemp (and safetensors) create owner-only ones."""
-    umask = _umask()
+    umask = storage.umask()
     for root, dirs, files in os.walk(folder):
         os.chmod(root, 0o777 & ~umask)
         for d in dirs:
             os.chmod(os.path.join(root, d), 0o777 & ~umask)
         for f in files:
             os.chmod(os.path.join(root, f), 0o666 & ~umask)
-
-
-def _umask() -> int:
-    # Read rather than set-and-restore: os.umask would briefly change it for every thread.
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except OSError:
-        pass
-    return 0o022
-
-
-def _replace(tmp: Path, final: Path) -> None:
-    """Moves ``tmp`` to ``final``; an existing ``final`` is swapped out first and deleted after."""
-    if not final.exists():
-        os.replace(tmp, final)
-        return
-    old = final.with_name(f"{EXPORT_DIR}.old-{uuid.uuid4().hex[:8]}")
-    os.replace(final, old)
-    try:
-        os.replace(tmp, final)
-    except OSError:
-        os.replace(old, final)  # put the previous export back rather than leave none
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _write_export(out: Path, config: ml_collections.ConfigDict, pipeline: loading.Pipeline,

@@ -35,7 +35,9 @@ import json
 import logging
 import math
 import os
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -47,7 +49,7 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from ablate_jax import distributed, sampling, sharding
+from ablate_jax import distributed, sampling, sharding, storage
 from ablate_jax.concepts import Concept, ConceptError
 from ablate_jax.config import ANCHOR_KEYS, ConfigError, anchor_sampling, concept_from_config, fingerprint
 from ablate_jax.models.loading import CLIP, ModelLoadError, Pipeline, load_clip, load_pipeline
@@ -77,9 +79,9 @@ class AnchorError(ValueError):
     """The anchor set cannot be generated or read; the message says why."""
 
 
-def anchors_dir(workdir: str | os.PathLike) -> Path:
-    """Where a run's anchor dataset lives: ``WORKDIR/anchors``."""
-    return Path(workdir) / "anchors"
+def anchors_dir(workdir: str | os.PathLike) -> storage.AnyPath:
+    """Where a run's anchor dataset lives: ``WORKDIR/anchors`` (absolute, or a ``gs://`` URL)."""
+    return storage.path(workdir) / "anchors"
 
 
 def shard_name(shard: int, num_shards: int) -> str:
@@ -206,14 +208,8 @@ def _read_run(out: Path) -> dict[str, Any] | None:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    """Writes under ``tmp/`` and renames, so a reader sees the old file or the new one, never a part."""
-    tmp = path.parent / TMP_DIR / f"{path.name}.{os.getpid()}"
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """A reader sees the old file or the new one, never a part (local temporary files go to ``tmp/``)."""
+    storage.write_bytes(path, data, tmp_dir=path.parent / TMP_DIR)
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -354,7 +350,10 @@ def _write_shard(out: Path, plan: _Plan, shard: int, images: np.ndarray, keep: n
 
     features = _features(images.shape[1:])
     final = plan.shard_path(out, shard)
-    tmp = out / TMP_DIR / f"{final.name}.{os.getpid()}"
+    # array_record writes local files only: build the shard in tmp/ (or, for a bucket, a local
+    # temporary folder) and move it into place whole.
+    tmp_dir = Path(tempfile.mkdtemp(prefix="ablate_jax-anchors-")) if storage.is_remote(out) else out / TMP_DIR
+    tmp = tmp_dir / f"{final.name}.{os.getpid()}"
     tmp.parent.mkdir(parents=True, exist_ok=True)
     writer = ArrayRecordWriter(os.fspath(tmp), "group_size:1")  # group_size 1: cheap random access
     try:
@@ -365,7 +364,7 @@ def _write_shard(out: Path, plan: _Plan, shard: int, images: np.ndarray, keep: n
         writer.close()
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, final)
+        storage.move(tmp, final)
     except BaseException:
         try:
             writer.close()
@@ -373,6 +372,9 @@ def _write_shard(out: Path, plan: _Plan, shard: int, images: np.ndarray, keep: n
             pass
         tmp.unlink(missing_ok=True)
         raise
+    finally:
+        if storage.is_remote(out):
+            shutil.rmtree(tmp_dir, ignore_errors=True)
     return int(keep.sum())
 
 
@@ -453,7 +455,7 @@ def _finalize(out: Path, plan: _Plan, record: dict[str, Any], concept: Concept) 
     if kept == 0:
         raise AnchorError(f"all {plan.num_images} anchor images reproduce the memorized image and were dropped; "
                           "use anchor prompts that do not name the memorized caption")
-    num_bytes = sum(plan.shard_path(out, s).stat().st_size for s in range(plan.num_shards))
+    num_bytes = sum(storage.size(plan.shard_path(out, s)) for s in range(plan.num_shards))
     tfds.folder_dataset.write_metadata(
         data_dir=os.fspath(out),
         features=_features(record["image_shape"]),
@@ -470,7 +472,8 @@ def _finalize(out: Path, plan: _Plan, record: dict[str, Any], concept: Concept) 
         log.info("anchors: dropped %d of %d images that reproduce the memorized image", dropped, plan.num_images)
     _write_json(out / RUN_FILE, record)  # last: the run record marks the set complete
     try:
-        (out / TMP_DIR).rmdir()
+        if not storage.is_remote(out):  # a bucket never holds tmp/
+            (out / TMP_DIR).rmdir()
     except OSError:
         pass  # not empty: another process's leftovers, removed when that shard is redone
     return record
@@ -545,7 +548,7 @@ def generate_anchors(config: ml_collections.ConfigDict, workdir: str | os.PathLi
     """
     t0 = time.perf_counter()
     concept, cfg = _validate(config)
-    out = anchors_dir(workdir).absolute()
+    out = anchors_dir(workdir)
     plan = _Plan(config.anchors.num_images, config.anchors.shard_size, concept.usable_anchor_prompts(), config.seed)
     identity = _identity(config, concept)
     record = _check_workdir(out, identity)
@@ -655,7 +658,7 @@ def _open(out: Path) -> AnchorSource:
 
 def open_anchors(workdir: str | os.PathLike) -> AnchorSource:
     """The finished anchor set of ``workdir`` as a random-access source (see :class:`AnchorSource`)."""
-    out = anchors_dir(workdir).absolute()
+    out = anchors_dir(workdir)
     record = _read_run(out) if out.is_dir() else None
     if not (record and record.get("complete")) or not (out / "dataset_info.json").exists():
         raise AnchorError(f"{out} holds no complete anchor set; run python -m ablate_jax.generate first")

@@ -24,14 +24,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from ablate_jax import storage
 from ablate_jax.concepts import ROLES
 
 MODELS = ("base", "ablated")
@@ -194,25 +193,12 @@ def format_markdown(report: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    # A reader (or a crash) never sees half a file: write beside it, then rename over it.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes files private; a report is meant to be read
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_report(report: Mapping[str, Any], out_dir: str | os.PathLike) -> None:
     """Writes ``report.json`` and ``report.md`` in ``out_dir`` (each atomically)."""
-    out = Path(out_dir)
+    out = storage.path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out / "report.json", json.dumps(report, indent=2) + "\n")
-    _write_atomic(out / "report.md", format_markdown(report))
+    storage.write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
+    storage.write_text(out / "report.md", format_markdown(report))
 
 
 # ------------------------------------------------------------------------------------------------ grids

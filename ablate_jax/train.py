@@ -28,7 +28,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from ablate_jax import checkpointing, distributed, losses, sampling, sharding
+from ablate_jax import checkpointing, distributed, losses, sampling, sharding, storage
 from ablate_jax import config as config_lib
 from ablate_jax import params as params_lib
 from ablate_jax.concepts import Concept, ConceptError, EvalSet, misspell, replace_word
@@ -157,7 +157,7 @@ def state_shardings(pipeline: Pipeline, selection: params_lib.Selection, tx: opt
 @dataclasses.dataclass
 class RunContext:
     config: ml_collections.ConfigDict
-    workdir: Path
+    workdir: storage.AnyPath
     pipeline: Pipeline
     concept: Concept
     mesh: jax.sharding.Mesh
@@ -229,7 +229,8 @@ def train(ctx: RunContext, *, progress: bool = True) -> dict[str, Any]:
     t = config.train
     step_fn = compiled_train_step(pipeline, selection, loss_cfg, (t.learning_rate, t.weight_decay, t.clip_norm),
                                   config.seed, config.stop_sot_kv_grad, mesh)
-    writer = metric_writers.create_default_writer(str(ctx.workdir / "logs"), just_logging=jax.process_index() > 0)
+    writer = metric_writers.create_default_writer(
+        os.fspath(ctx.workdir / "logs"), just_logging=jax.process_index() > 0 or not config.train.tensorboard)
     log.info("training %s (%s scalars) for %d steps, global batch %d on %d devices%s",
              config.params, f"{selection.count(pipeline.params):,}", steps, config.train.batch_size, n_dev,
              f" in {jax.process_count()} processes" if jax.process_count() > 1 else "")
@@ -294,7 +295,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, pipeli
     from ablate_jax import evaluate, generate  # noqa: PLC0415
 
     validate(config)
-    workdir = Path(workdir).absolute()
+    workdir = storage.path(workdir)
     concept = config_lib.concept_from_config(config)
     if pipeline is None:
         pipeline = load_pipeline(config.model, dtype=jnp.dtype(config.dtype))
@@ -375,6 +376,8 @@ def main(argv: list[str]) -> None:
     logging.getLogger("ablate_jax").setLevel(logging.INFO)
     # orbax and TensorFlow report every read and write at INFO through absl; keep the log to our stages.
     logging.getLogger("absl").setLevel(logging.WARNING)
+    for name in ("fsspec", "gcsfs"):  # a line per file opened on a bucket
+        logging.getLogger(name).setLevel(logging.WARNING)
     try:
         if distributed.initialize_from_flags() and not workdir:
             # Each process would stamp its own time into the default name.
@@ -389,7 +392,7 @@ def main(argv: list[str]) -> None:
     if "sets" in report:
         print(evaluate.format_table(report))
     print(json.dumps(report.get("timing_s", {}), indent=None))
-    print(f"workdir: {Path(workdir).absolute()}")
+    print(f"workdir: {storage.path(workdir)}")
 
 
 def default_run_name(config: ml_collections.ConfigDict) -> str:

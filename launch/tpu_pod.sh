@@ -2,16 +2,18 @@
 # Runs an ablation on every worker of a Cloud TPU VM slice.
 #
 #   launch/tpu_pod.sh --name=ablate-v5e --zone=us-west4-a --type=v5litepod-16 \
-#       --workdir=/gcs/BUCKET/runs/smiley --mount-bucket=BUCKET \
+#       --workdir=gs://BUCKET/runs/smiley \
 #       [--config=configs/xattn.py:concept=grumpy_cat,model=gs://BUCKET/sd-v1-4] \
-#       [--project=P] [--version=tpu-ubuntu2204-base] [--create] [--delete] [--dry-run] [-- EXTRA TRAIN FLAGS]
+#       [--mount-bucket=BUCKET] [--project=P] [--version=tpu-ubuntu2204-base] [--create] [--delete] [--dry-run]
+#       [-- EXTRA TRAIN FLAGS]
 #
 # Steps: create the slice (--create); copy this checkout's source to every worker and install
 # it with jax[tpu]; run `python -m ablate_jax.train --distributed` on all workers at once (one
 # JAX process per worker; the TPU runtime gives jax.distributed the coordinator); stream their
 # logs here and into launch-logs/; delete the slice (--delete), also after a failed run.
-# The workdir must be one folder that every worker reaches: --mount-bucket=B mounts the Cloud
-# Storage bucket B at /gcs/B on every worker with gcsfuse (which the VM image must provide).
+# The workdir must be one folder that every worker reaches: a gs:// URL (read and written through
+# Cloud Storage's own clients), or an absolute path on a shared mount; --mount-bucket=B mounts
+# the bucket B at /gcs/B on every worker with gcsfuse (which the VM image must provide).
 # --dry-run prints the exact commands and runs none of them.
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
@@ -42,8 +44,9 @@ for required in NAME ZONE WORKDIR; do
   if [[ -z "${!required}" ]]; then echo "error: --${required,,} is required (see --help)" >&2; exit 2; fi
 done
 if ((CREATE)) && [[ -z "$TYPE" ]]; then echo "error: --create needs --type, e.g. --type=v5litepod-16" >&2; exit 2; fi
-if [[ "$WORKDIR" != /* ]]; then
-  echo "error: --workdir must be an absolute path that every worker reaches, e.g. /gcs/BUCKET/run" >&2; exit 2
+if [[ "$WORKDIR" != /* && "$WORKDIR" != gs://* ]]; then
+  echo "error: --workdir must be a gs:// URL or an absolute path that every worker reaches, e.g. gs://BUCKET/run" >&2
+  exit 2
 fi
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"

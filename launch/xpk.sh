@@ -2,7 +2,7 @@
 # Runs an ablation as an xpk workload on a GKE cluster of TPU slices.
 #
 #   launch/xpk.sh --cluster=my-cluster --workload=ablate-smiley --tpu-type=v5litepod-16 \
-#       --workdir=/gcs/runs/smiley [--num-slices=1] [--project=P] [--zone=Z] \
+#       --workdir=gs://BUCKET/runs/smiley [--num-slices=1] [--project=P] [--zone=Z] \
 #       [--config=configs/xattn.py:concept=grumpy_cat,model=gs://BUCKET/sd-v1-4] \
 #       [--base-image=python:3.11] [--delete] [--dry-run] [-- EXTRA TRAIN FLAGS]
 #
@@ -10,7 +10,7 @@
 # and configs/, staged in a temporary folder), installs it with jax[tpu] and runs
 # `python -m ablate_jax.train --distributed` on every host of the slices (one JAX process per
 # host; the TPU runtime gives jax.distributed the coordinator). The workdir must be a folder
-# every host reaches, e.g. a bucket the cluster mounts with the Cloud Storage FUSE CSI driver.
+# every host reaches: a gs:// URL, or a path where the cluster mounts a shared volume.
 # --delete removes the workload
 # instead of creating one. --dry-run prints the exact commands and runs none of them.
 set -euo pipefail
@@ -52,8 +52,8 @@ fi
 if [[ -z "$TPU_TYPE" || -z "$WORKDIR" ]]; then
   echo "error: --tpu-type and --workdir are required to create a workload (see --help)" >&2; exit 2
 fi
-if [[ "$WORKDIR" != /* ]]; then
-  echo "error: --workdir must be an absolute path that every host reaches" >&2; exit 2
+if [[ "$WORKDIR" != /* && "$WORKDIR" != gs://* ]]; then
+  echo "error: --workdir must be a gs:// URL or an absolute path that every host reaches" >&2; exit 2
 fi
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"

@@ -11,6 +11,12 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Tests never reach a model hub; fail fast instead of waiting on the network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# gs:// paths go to a local emulator (the gcs_bucket fixture). TensorFlow's GCS file system cannot
+# be pointed at one, so etils.epath uses gcsfs; epath reads this once per process, before any
+# path is opened. gcsfs would first ask over gRPC for a bucket's type, which the emulator does
+# not serve.
+os.environ.setdefault("EPATH_USE_TF", "false")
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 # Many tests (and the commands they start as subprocesses, which inherit this) compile the same
 # programs for separately loaded copies of one model; a session-wide persistent cache compiles
 # each once.
@@ -24,6 +30,35 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     atexit.register(shutil.rmtree, _cache, ignore_errors=True)
 
 import pytest  # noqa: E402  (after the environment is set)
+
+TEST_BUCKET = "ablate-test"
+
+
+@pytest.fixture(scope="session")
+def gcs_bucket():
+    """``gs://ablate-test``: a bucket on a local Cloud Storage emulator, reached through the same
+    clients as the real service by this process and by the commands it starts (they inherit the
+    environment set here)."""
+    import gcs_emulator
+
+    server, url = gcs_emulator.start(TEST_BUCKET)
+    env = {
+        "STORAGE_EMULATOR_HOST": url,  # gcsfs, behind etils.epath
+        "CLOUD_STORAGE_EMULATOR_ENDPOINT": url,  # array_record's GCS reader
+        "TENSORSTORE_GCS_HTTP_URL": url,  # orbax's array storage
+        "GOOGLE_AUTH_TOKEN_FOR_TESTING": "test",  # tensorstore: no credential lookup
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield f"gs://{TEST_BUCKET}"
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -56,11 +56,21 @@ def test_tpu_pod_dry_run(tmp_path):
     assert not list(tmp_path.iterdir()), "a dry run wrote something"
 
 
+def test_tpu_pod_takes_a_bucket_workdir_without_a_mount(tmp_path):
+    r = _run("tpu_pod.sh", "--name=abl", "--zone=z", "--workdir=gs://b/runs/smiley", "--dry-run",
+             env={"TMPDIR": str(tmp_path)})
+    assert r.returncode == 0, r.stderr
+    cmds = _commands(r.stdout)
+    assert not any("gcsfuse" in " ".join(c) for c in cmds)
+    train = shlex.split(cmds[-1][-1].removeprefix("--command="))
+    assert "--workdir=gs://b/runs/smiley" in train and train[-1] == "--distributed"
+
+
 def test_tpu_pod_refuses_incomplete_arguments():
     r = _run("tpu_pod.sh", "--name=abl", "--workdir=/gcs/b/run", "--dry-run")
     assert r.returncode == 2 and "--zone is required" in r.stderr
     r = _run("tpu_pod.sh", "--name=abl", "--zone=z", "--workdir=relative/run", "--dry-run")
-    assert r.returncode == 2 and "absolute path" in r.stderr
+    assert r.returncode == 2 and "gs:// URL or an absolute path" in r.stderr
     r = _run("tpu_pod.sh", "--name=abl", "--zone=z", "--workdir=/gcs/b/run", "--create", "--dry-run")
     assert r.returncode == 2 and "--create needs --type" in r.stderr
     r = _run("tpu_pod.sh", "--bogus")
