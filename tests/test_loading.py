@@ -110,6 +110,21 @@ def _copy(src, dst):
     return dst
 
 
+def test_pipeline_on_a_bucket_loads_like_the_local_folder(tiny_sd1_path, gcs_bucket):
+    from etils import epath
+
+    url = f"{gcs_bucket}/models/sd1"
+    for f in tiny_sd1_path.rglob("*"):
+        if f.is_file():
+            epath.Path(f"{url}/{f.relative_to(tiny_sd1_path).as_posix()}").write_bytes(f.read_bytes())
+    remote, local = load_pipeline(url), load_pipeline(tiny_sd1_path)
+    assert jax.tree.structure(remote.params) == jax.tree.structure(local.params)
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), remote.params, local.params))
+    prompt = "a grumpy cat on a sofa"
+    assert remote.tokenizer(prompt).input_ids == local.tokenizer(prompt).input_ids
+    assert remote.scheduler_config == local.scheduler_config
+
+
 def test_refuses_pickled_weights(tiny_sd1_path, tmp_path):
     folder = _copy(tiny_sd1_path, tmp_path / "m")
     (folder / "unet" / "diffusion_pytorch_model.safetensors").unlink()
