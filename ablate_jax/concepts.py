@@ -218,13 +218,16 @@ def _toy_instance() -> Concept:
         EvalSet("smiley_paraphrase", "target_paraphrase", "smiley", paraphrases),
         eval_set("circle", "anchor", "circle", "circle"),
         eval_set("frowny", "preserved", "frowny", "frowny"),
-        eval_set("winky", "surrounding", "winky", "winky"),
+        eval_set("winky", "preserved", "winky", "winky"),
         eval_set("gaspy", "surrounding", "gaspy", "gaspy"),
         eval_set("star", "surrounding", "star", "star"),
         eval_set("square", "surrounding", "square", "square"),
     )
     anchor_prompts = _toy_prompts("circle", 200, seed=1, shapes=["circle"])
-    return Concept("instance", ("smiley",), "circle", anchor_prompts, ("frowny",), sets)
+    # Two of the three face siblings are kept in training; gaspy is held out to measure how far
+    # that carries. With the frowny alone preserved, the held-out winky (the closest face: the
+    # same smile, one eye closed) lost a third of its images.
+    return Concept("instance", ("smiley",), "circle", anchor_prompts, ("frowny", "winky"), sets)
 
 
 def _toy_style() -> Concept:

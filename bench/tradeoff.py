@@ -44,7 +44,9 @@ def main() -> None:
 
     lrs = [float(x) for x in args.lrs.split(",")]
     steps = sorted(int(x) for x in args.steps.split(","))
-    common = f"eval.sets={SETS},eval.misspelling=False,export.enabled=False"
+    # The frowny alone is preserved (the preset also keeps the winky), so that two face
+    # siblings stay held out for the retention axis.
+    common = f"eval.sets={SETS},eval.misspelling=False,export.enabled=False,preserve.concepts=frowny"
     weight = args.weight if args.weight is not None else float(load_config(common).preserve.weight)
     pipe = load_pipeline("toy")
     out = Path(args.out)
