@@ -26,8 +26,12 @@ $(VENV)/.stamp-bench: setup.py | $(BIN)/python
 demo: $(VENV)/.stamp-run
 	$(BIN)/python -m ablate_jax.train --config=configs/xattn.py --workdir=workdirs/demo-$$(date +%Y%m%d-%H%M%S)
 
+# Two pytest workers, one test file each at a time (module fixtures stay in one process): much
+# of the suite is XLA compilation, which runs on one core.
+TEST_WORKERS ?= 2
+
 test: $(VENV)/.stamp-test
-	$(BIN)/python -m pytest -q -m "not slow" --durations=15 tests $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -m "not slow" -n $(TEST_WORKERS) --dist loadfile --durations=15 tests $(PYTEST_ARGS)
 
 test-slow: $(VENV)/.stamp-test
 	$(BIN)/python -m pytest -q -m slow tests $(PYTEST_ARGS)

@@ -19,7 +19,7 @@ os.environ.setdefault("EPATH_USE_TF", "false")
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 # Many tests (and the commands they start as subprocesses, which inherit this) compile the same
 # programs for separately loaded copies of one model; a session-wide persistent cache compiles
-# each once.
+# each once. Under pytest-xdist the controller makes it and the workers inherit it.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     import atexit
     import shutil
