@@ -26,6 +26,7 @@ setup(
         "safetensors>=0.8.0",
         "huggingface_hub>=2.4.0",
         "etils[epath]>=1.15.0",
+        "fsspec>=2026.9.0",
         "tensorflow-cpu>=2.21.0",
         "tensorboard>=2.21.0",  # clu's metric writers import it
         "tensorflow-datasets>=4.9.10",

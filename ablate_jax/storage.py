@@ -24,9 +24,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from etils import epath
+from fsspec import config as fsspec_config
 
 # What etils.epath reaches besides local files.
 REMOTE_PREFIXES = ("gs://", "s3://", "az://")
+
+# Where epath goes through fsspec (gcsfs and the like, e.g. with EPATH_USE_TF=false), a process
+# caches the folder listings it has read; a file that another host wrote after that listing
+# would then look missing (the anchor shards of a multi-host run, a checkpoint's step folder).
+# Each question goes to the bucket instead.
+for _protocol in ("gs", "gcs", "s3", "az"):
+    fsspec_config.conf.setdefault(_protocol, {}).setdefault("use_listings_cache", False)
 
 AnyPath = Path | epath.Path
 
