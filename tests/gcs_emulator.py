@@ -11,7 +11,10 @@ write after it cannot interleave with another request.
 
 from __future__ import annotations
 
+import http.server
 import socket
+import sys
+import types
 from http import HTTPStatus
 from typing import Any
 
@@ -64,7 +67,18 @@ def _insert(request: Any, response: Any, storage: Any, *args: Any, **kwargs: Any
     return _ORIGINAL["insert"](request, response, storage, *args, **kwargs)
 
 
+class _QuietServer(http.server.HTTPServer):
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # Clients close connections they no longer need while an answer is being written; the
+        # default prints a traceback for each of those into the test output.
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return
+        super().handle_error(request, client_address)
+
+
 def _install() -> None:
+    # The emulator builds its server as ``server.HTTPServer`` from the http.server it imported.
+    emulator.server = types.SimpleNamespace(HTTPServer=_QuietServer)
     download, get = _read("download"), _read("get")
     replace = {_ORIGINAL["download"]: download, _ORIGINAL["get"]: get, _ORIGINAL["insert"]: _insert}
     for _, handlers in emulator.HANDLERS:
