@@ -150,7 +150,7 @@ def _set(config: ml_collections.ConfigDict, dotted: str, value: str) -> None:
 # the shipped toy model (README, "Results"): its tiny UNet needs larger steps than SD's.
 SD_SCHEDULE = {"xattn_kv": (1.6e-5, 200), "xattn": (1.6e-5, 200), "attn": (1.6e-5, 200), "full": (2e-6, 400),
                "embedding": (1e-3, 200)}
-TOY_SCHEDULE = {"xattn_kv": (3e-4, 600), "xattn": (3e-4, 300), "attn": (3e-4, 300), "full": (1e-4, 300),
+TOY_SCHEDULE = {"xattn_kv": (3e-4, 600), "xattn": (3e-4, 300), "attn": (3e-4, 300), "full": (1e-4, 100),
                 "embedding": (1e-2, 300)}
 TOY_PRESERVE_WEIGHT = 4.0
 

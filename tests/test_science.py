@@ -55,7 +55,7 @@ def test_style_ablation_keeps_the_other_backgrounds(style_run):
         assert abs(acc["ablated"] - acc["base"]) <= TOLERANCE, (name, acc)
 
 
-@pytest.mark.xfail(strict=True, reason="on the shipped toy model the orange-star anchor set moves 0.95 -> 0.70 "
+@pytest.mark.xfail(strict=True, reason="on the shipped toy model the orange-star anchor set moves 0.95 -> 0.85 "
                                        "while the memorized image goes 1.00 -> 0.00 (README, Results)")
 def test_memorized_image_is_no_longer_reproduced(tmp_path_factory):
     report = _run(tmp_path_factory, full.get_config(NO_EXPORT))
