@@ -28,6 +28,7 @@ must then be a filesystem every process sees.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import io
@@ -35,9 +36,7 @@ import json
 import logging
 import math
 import os
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -351,30 +350,29 @@ def _write_shard(out: Path, plan: _Plan, shard: int, images: np.ndarray, keep: n
     features = _features(images.shape[1:])
     final = plan.shard_path(out, shard)
     # array_record writes local files only: build the shard in tmp/ (or, for a bucket, a local
-    # temporary folder) and move it into place whole.
-    tmp_dir = Path(tempfile.mkdtemp(prefix="ablate_jax-anchors-")) if storage.is_remote(out) else out / TMP_DIR
-    tmp = tmp_dir / f"{final.name}.{os.getpid()}"
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    writer = ArrayRecordWriter(os.fspath(tmp), "group_size:1")  # group_size 1: cheap random access
-    try:
-        for index, image, k in zip(plan.shard_range(shard), images, keep, strict=True):
-            if k:
-                writer.write(features.serialize_example(
-                    {"image": _png(image), "prompt": plan.prompt(index), "index": index, "seed": plan.seed}))
-        writer.close()
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        storage.move(tmp, final)
-    except BaseException:
+    # staging folder) and move it into place whole.
+    with contextlib.ExitStack() as cleanup:
+        tmp_dir = cleanup.enter_context(storage.staging(out, "ablate_jax-anchors-")) if storage.is_remote(out) \
+            else out / TMP_DIR
+        tmp = tmp_dir / f"{final.name}.{os.getpid()}"
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        writer = ArrayRecordWriter(os.fspath(tmp), "group_size:1")  # group_size 1: cheap random access
         try:
+            for index, image, k in zip(plan.shard_range(shard), images, keep, strict=True):
+                if k:
+                    writer.write(features.serialize_example(
+                        {"image": _png(image), "prompt": plan.prompt(index), "index": index, "seed": plan.seed}))
             writer.close()
-        except Exception:  # noqa: BLE001  (already closed, or broken by the error being raised)
-            pass
-        tmp.unlink(missing_ok=True)
-        raise
-    finally:
-        if storage.is_remote(out):
-            shutil.rmtree(tmp_dir, ignore_errors=True)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            storage.move(tmp, final)
+        except BaseException:
+            try:
+                writer.close()
+            except Exception:  # noqa: BLE001  (already closed, or broken by the error being raised)
+                pass
+            tmp.unlink(missing_ok=True)
+            raise
     return int(keep.sum())
 
 

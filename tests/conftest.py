@@ -48,16 +48,12 @@ def gcs_bucket():
         "TENSORSTORE_GCS_HTTP_URL": url,  # orbax's array storage
         "GOOGLE_AUTH_TOKEN_FOR_TESTING": "test",  # tensorstore: no credential lookup
     }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
     try:
-        yield f"gs://{TEST_BUCKET}"
+        with pytest.MonkeyPatch.context() as mp:
+            for k, v in env.items():
+                mp.setenv(k, v)
+            yield f"gs://{TEST_BUCKET}"
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
         server.stop()
 
 
