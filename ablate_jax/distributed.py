@@ -17,6 +17,7 @@ dead task, so a pod slice never hangs on a lost host.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import jax
@@ -42,15 +43,41 @@ def define_flags(flag_values: Any = None) -> None:
                       flag_values=fv)
     flags.DEFINE_integer("heartbeat_timeout", 100, "seconds without a heartbeat after which a process counts as "
                          "dead and the whole run stops", flag_values=fv)
+    flags.DEFINE_string("compilation_cache", os.environ.get("JAX_COMPILATION_CACHE_DIR") or DEFAULT_COMPILATION_CACHE,
+                        "folder (or gs:// URL) where compiled XLA programs are kept for later runs; 'none' turns it "
+                        "off", flag_values=fv)
 
 
 def initialize_from_flags(flag_values: Any = None) -> bool:
-    """Starts the multi-process runtime if the flags ask for it; returns whether they did."""
+    """Starts the multi-process runtime if the flags ask for it; returns whether they did.
+
+    Also points JAX's persistent compilation cache at ``--compilation_cache``.
+    """
     from absl import flags  # noqa: PLC0415
 
     fv = flags.FLAGS if flag_values is None else flag_values
+    use_compilation_cache(fv.compilation_cache)
     return initialize(coordinator_address=fv.coordinator_address, num_processes=fv.num_processes,
                       process_id=fv.process_id, auto=fv.distributed, heartbeat_timeout=fv.heartbeat_timeout)
+
+
+# Programs depend only on the model's shapes and the config, not on the concept, so a second
+# run (another concept, a resumed run, the next stage's command) compiles nothing.
+DEFAULT_COMPILATION_CACHE = "~/.cache/ablate_jax/xla"
+
+
+def use_compilation_cache(path: str | None) -> str | None:
+    """Keeps compiled programs in ``path`` from now on; ``None``, '' or 'none' leaves the cache off.
+
+    Returns the folder used. JAX writes an entry for programs that took at least a second to
+    compile, from process 0 only, and keys it on the program, the backend and its version.
+    """
+    if not path or path.lower() == "none":
+        return None
+    if "://" not in path:
+        path = os.path.abspath(os.path.expanduser(path))
+    jax.config.update("jax_compilation_cache_dir", path)
+    return path
 
 
 def initialize(*, coordinator_address: str | None = None, num_processes: int | None = None,

@@ -29,6 +29,7 @@ def main() -> None:
     ap.add_argument("--guidance", type=float, default=6.0)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--settle", type=float, default=1.0, help="seconds of pause before each timed round")
     args = ap.parse_args()
 
     import jax
@@ -77,6 +78,7 @@ def main() -> None:
     times = {"ablate_jax": [], "torch": []}
     for _ in range(args.rounds):
         for name, fn in (("ablate_jax", run_jax), ("torch", run_torch)):
+            time.sleep(args.settle)  # the other side's worker threads spin on for a while after its last op
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)

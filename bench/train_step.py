@@ -246,6 +246,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10, help="steps per side in each round")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps per side first (after compiling)")
+    ap.add_argument("--settle", type=float, default=1.0, help="seconds of pause before each timed round")
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
     ap.add_argument("--no-memory", action="store_true", help="skip the per-side peak memory children")
@@ -273,6 +274,9 @@ def main() -> None:
     times: dict[str, list[float]] = {"ablate_jax": [], "torch": []}
     for _ in range(args.rounds):
         for name, fn in (("ablate_jax", run_jax), ("torch", run_torch)):
+            # Both runtimes' worker threads keep spinning for a while after their last op;
+            # a pause lets the other side's threads go idle before the clock starts.
+            time.sleep(args.settle)
             t0 = time.perf_counter()
             for _ in range(args.steps):
                 fn()

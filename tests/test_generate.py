@@ -123,7 +123,10 @@ def test_killed_run_on_8_devices_resumes_on_1_device_to_the_same_dataset(referen
     out = anchors_dir(tmp_path)
     second = out / shard_name(1, 3)
     env = {**os.environ, generate.SHARD_DELAY_ENV: "1.5"}  # a pause after each shard to kill it in
-    cmd = [sys.executable, "-m", "ablate_jax.generate", *cli_flags(tmp_path)]
+    # The command keeps its compiled programs in --compilation_cache; every one, however quick.
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    cache = tmp_path / "xla-cache"
+    cmd = [sys.executable, "-m", "ablate_jax.generate", *cli_flags(tmp_path), f"--compilation_cache={cache}"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 300
@@ -138,6 +141,7 @@ def test_killed_run_on_8_devices_resumes_on_1_device_to_the_same_dataset(referen
         proc.communicate()
     finished = [s for s in range(3) if (out / shard_name(s, 3)).exists()]
     assert finished == [0, 1] and not (out / "dataset_info.json").exists()
+    assert any(cache.iterdir()), "the command wrote nothing to --compilation_cache"
     with pytest.raises(AnchorError, match="no complete anchor set"):
         open_anchors(tmp_path)
     # What a kill in the middle of writing leaves behind: never read, and cleared by the rerun.

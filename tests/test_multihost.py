@@ -308,3 +308,26 @@ def test_inconsistent_process_flags_are_one_line(flags, message, tmp_path, capsy
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
     assert not (tmp_path / "run").exists()
+
+
+def test_compilation_cache_flag_defaults_to_the_environment_and_can_be_turned_off(monkeypatch):
+    from absl import flags
+
+    from ablate_jax import distributed
+
+    fv = flags.FlagValues()
+    distributed.define_flags(fv)
+    fv(["cmd"])
+    # conftest points JAX_COMPILATION_CACHE_DIR at the session's cache; commands inherit it.
+    assert fv.compilation_cache == os.environ["JAX_COMPILATION_CACHE_DIR"]
+    before = jax.config.jax_compilation_cache_dir
+    assert distributed.use_compilation_cache("none") is None
+    assert distributed.use_compilation_cache("") is None
+    assert jax.config.jax_compilation_cache_dir == before
+    monkeypatch.setenv("HOME", "/home/someone")
+    try:
+        assert distributed.use_compilation_cache("~/xla") == "/home/someone/xla"
+        assert jax.config.jax_compilation_cache_dir == "/home/someone/xla"
+        assert distributed.use_compilation_cache("gs://b/xla") == "gs://b/xla"
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)

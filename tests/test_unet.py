@@ -11,6 +11,7 @@ from diffusers import UNet2DConditionModel as TorchUNet
 from flax import traverse_util
 from tiny_models import _perturb, rel_err, save_and_read
 
+from ablate_jax.models.blocks import Conv2D
 from ablate_jax.models.convert import flax_path_to_torch_key, flax_to_torch, torch_to_flax
 from ablate_jax.models.unet import UNet2DConditionModel
 
@@ -104,7 +105,8 @@ def _torch_forward(model, sample, timesteps, context) -> np.ndarray:
 
 @pytest.mark.parametrize(
     ("kind", "size"),
-    [("sd1", (8, 8)), ("sd2", (8, 8)), ("variant", (8, 8)), ("sd1", (7, 5))],
+    # (2, 3): both levels are smaller than a 3x3 kernel, which Conv2D computes over patches.
+    [("sd1", (8, 8)), ("sd2", (8, 8)), ("variant", (8, 8)), ("sd1", (7, 5)), ("sd1", (2, 3))],
 )
 def test_matches_pytorch(saved, kind, size):
     config, tensors, torch_model = saved[kind]
@@ -259,3 +261,28 @@ def test_full_size_layout_matches(overrides):
         for path, leaf in traverse_util.flatten_dict(abstract).items()
     }
     assert got == want
+
+
+@pytest.mark.parametrize(("size", "kernel", "padding"), [
+    ((2, 2), 3, ((1, 1), (1, 1))),
+    ((1, 2), 3, ((1, 1), (1, 1))),
+    ((3, 2), 5, ((2, 1), (1, 2))),
+])
+def test_conv_smaller_than_its_kernel_matches_pytorch(size, kernel, padding):
+    """The patch path of Conv2D (inputs smaller than the kernel) against PyTorch's conv2d."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, *size, 16)).astype(np.float32)
+    layer = Conv2D(24, kernel, padding=padding)
+    params = layer.init(jax.random.key(0), x)["params"]
+    assert params["kernel"].shape == (kernel, kernel, 16, 24) and params["bias"].shape == (24,)
+    params = {"kernel": params["kernel"], "bias": jnp.asarray(rng.standard_normal(24), jnp.float32)}
+    # The patch path is the one taken: no convolution left in the program.
+    assert "conv_general_dilated" not in str(jax.make_jaxpr(layer.apply)({"params": params}, x))
+    got = np.asarray(jax.jit(layer.apply)({"params": params}, x))
+    (pt, pb), (pl, pr) = padding
+    xt = torch.nn.functional.pad(torch.from_numpy(x.transpose(0, 3, 1, 2)), (pl, pr, pt, pb))
+    wt = torch.from_numpy(np.asarray(params["kernel"]).transpose(3, 2, 0, 1).copy())
+    want = torch.nn.functional.conv2d(xt, wt, torch.from_numpy(np.asarray(params["bias"]))).numpy()
+    want = want.transpose(0, 2, 3, 1)
+    assert got.shape == want.shape
+    assert rel_err(got, want) <= 1e-6
