@@ -43,6 +43,9 @@ def define_flags(flag_values: Any = None) -> None:
                       flag_values=fv)
     flags.DEFINE_integer("heartbeat_timeout", 100, "seconds without a heartbeat after which a process counts as "
                          "dead and the whole run stops", flag_values=fv)
+    flags.DEFINE_integer("cpu_devices", None, "on a CPU backend, split the CPU into this many devices (one per "
+                         "core runs a small model's many small ops side by side); default: JAX's own (1, or what "
+                         "XLA_FLAGS says)", flag_values=fv)
     flags.DEFINE_string("compilation_cache", os.environ.get("JAX_COMPILATION_CACHE_DIR") or DEFAULT_COMPILATION_CACHE,
                         "folder (or gs:// URL) where compiled XLA programs are kept for later runs; 'none' turns it "
                         "off", flag_values=fv)
@@ -57,6 +60,8 @@ def initialize_from_flags(flag_values: Any = None) -> bool:
 
     fv = flags.FLAGS if flag_values is None else flag_values
     use_compilation_cache(fv.compilation_cache)
+    if fv.cpu_devices is not None:
+        set_cpu_devices(fv.cpu_devices)
     return initialize(coordinator_address=fv.coordinator_address, num_processes=fv.num_processes,
                       process_id=fv.process_id, auto=fv.distributed, heartbeat_timeout=fv.heartbeat_timeout)
 
@@ -78,6 +83,21 @@ def use_compilation_cache(path: str | None) -> str | None:
         path = os.path.abspath(os.path.expanduser(path))
     jax.config.update("jax_compilation_cache_dir", path)
     return path
+
+
+def set_cpu_devices(n: int) -> None:
+    """Makes the CPU backend ``n`` devices; must run before JAX starts its backends.
+
+    XLA's CPU code splits a large op across cores, but a tiny UNet's hundreds of small ops mostly
+    run one after another and leave cores idle. With a device per core, the batch is split across
+    the devices and their small ops run side by side.
+    """
+    if n < 1:
+        raise DistributedError(f"--cpu_devices must be at least 1, got {n}")
+    try:
+        jax.config.update("jax_num_cpu_devices", n)
+    except RuntimeError as err:
+        raise DistributedError("--cpu_devices must be set before JAX starts (it already has)") from err
 
 
 def initialize(*, coordinator_address: str | None = None, num_processes: int | None = None,

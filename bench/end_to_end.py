@@ -1,7 +1,7 @@
 """Wall time of the whole job by stage, ablate_jax against the same job written with diffusers.
 
     python bench/end_to_end.py [--config configs/xattn.py] [--arg preserve.weight=0] [--no-reference]
-                               [--compilation-cache DIR]
+                               [--compilation-cache DIR] [--cpu-devices N]
 
 Runs anchors -> train -> evaluate -> export in a fresh temporary workdir, then the reference job
 (bench/reference_torch.py: the same number of anchor images with the same sampler, steps and
@@ -33,9 +33,13 @@ def main() -> None:
     ap.add_argument("--arg", default=None, help="the config's arg string, e.g. concept=toy_striped")
     ap.add_argument("--no-reference", action="store_true", help="time ablate_jax alone")
     ap.add_argument("--compilation-cache", default=None, help="keep compiled programs in this folder")
+    ap.add_argument("--cpu-devices", type=int, default=None, help="split the CPU into this many JAX devices")
     args = ap.parse_args()
 
     import jax
+
+    if args.cpu_devices:
+        jax.config.update("jax_num_cpu_devices", args.cpu_devices)
 
     from ablate_jax import distributed, train
 

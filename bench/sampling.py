@@ -29,10 +29,14 @@ def main() -> None:
     ap.add_argument("--guidance", type=float, default=6.0)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--cpu-devices", type=int, default=1,
+                    help="split the CPU into this many JAX devices (the train command's --cpu_devices)")
     ap.add_argument("--settle", type=float, default=1.0, help="seconds of pause before each timed round")
     args = ap.parse_args()
 
     import jax
+
+    jax.config.update("jax_num_cpu_devices", args.cpu_devices)
     import numpy as np
     import torch
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline
@@ -63,8 +67,9 @@ def main() -> None:
     ref.set_progress_bar_config(disable=True)
     prompts = [f"a photo of a cat, variation {i}" for i in range(args.batch)]
     cfg = SamplingConfig(sampler=args.sampler, num_steps=args.steps, guidance_scale=args.guidance)
-    # One device: the comparison is per machine, and PyTorch uses all cores in one process.
-    mesh = sharding.make_mesh(jax.devices()[:1])
+    # The comparison is per machine: PyTorch uses all cores in one process, ablate_jax one device
+    # or (--cpu-devices) a device per core.
+    mesh = sharding.make_mesh(jax.devices())
 
     def run_jax() -> None:
         generate(pipe, pipe.params, prompts, jax.random.key(0), cfg, mesh=mesh, batch_size=args.batch)
@@ -84,7 +89,7 @@ def main() -> None:
             times[name].append(time.perf_counter() - t0)
     ips = {k: args.batch / float(np.median(v)) for k, v in times.items()}
     print(f"model={args.model} sampler={args.sampler} steps={args.steps} guidance={args.guidance} batch={args.batch} "
-          f"torch_threads={torch.get_num_threads()}")
+          f"jax_devices={jax.device_count()} torch_threads={torch.get_num_threads()}")
     for k, v in ips.items():
         print(f"{k:>10}: {v:8.2f} images/s (median of {args.rounds})")
     print(f"speedup_vs_torch={ips['ablate_jax'] / ips['torch']:.2f}")

@@ -114,7 +114,7 @@ def build_jax(folder: Path, batch: int, lr: float):
     selection = params_lib.selection(pipe.params, "xattn_kv")
     tx = params_lib.optimizer(lr, weight_decay=1e-2, clip_norm=1.0)
     loss_cfg = losses.LossConfig(loss="model_based", teacher="frozen", prior_weight=0.0, preserve_weight=0.0)
-    mesh = sharding.make_mesh()  # one CPU device unless the user forces more
+    mesh = sharding.make_mesh()  # one CPU device unless --cpu-devices says more
     rep, data = sharding.replicated(mesh), sharding.batch_sharded(mesh)
     base = jax.device_put(pipe.params, rep)
     state = jax.device_put(checkpointing.initial_state(selection.split(pipe.params), tx), rep)
@@ -205,7 +205,7 @@ def peak_rss_child(side: str, args: argparse.Namespace, folder: Path) -> float |
     included).
     """
     cmd = [sys.executable, __file__, f"--only={side}", f"--model={folder}", f"--batch={args.batch}",
-           f"--lr={args.lr}"] + ([f"--threads={args.threads}"] if args.threads else [])
+           f"--lr={args.lr}", f"--cpu-devices={args.cpu_devices}"] + ([f"--threads={args.threads}"] if args.threads else [])
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     for line in out.stdout.splitlines():
         if line.startswith("peak_rss_mib="):
@@ -246,6 +246,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10, help="steps per side in each round")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps per side first (after compiling)")
+    ap.add_argument("--cpu-devices", type=int, default=1,
+                    help="split the CPU into this many JAX devices, the batch split across them (--cpu_devices)")
     ap.add_argument("--settle", type=float, default=1.0, help="seconds of pause before each timed round")
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
@@ -253,9 +255,11 @@ def main() -> None:
     ap.add_argument("--only", choices=["jax", "torch"], help=argparse.SUPPRESS)  # memory child
     args = ap.parse_args()
 
+    import jax
     import numpy as np
     import torch
 
+    jax.config.update("jax_num_cpu_devices", args.cpu_devices)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.only:
@@ -284,19 +288,21 @@ def main() -> None:
     sps = {k: 1.0 / float(np.median(v)) for k, v in times.items()}
 
     flops = step_flops(compiled)
+    if flops:
+        flops *= jax.device_count()  # the cost analysis counts one device's share of the program
     peak = matmul_gflops()
     mem = {} if args.no_memory else {s: peak_rss_child(s, args, folder) for s in ("jax", "torch")}
 
     print(f"model={args.model} folder={folder} image={images.shape[1]}px batch={args.batch} params=xattn_kv "
           f"loss=model_based teacher=frozen steps={args.steps} rounds={args.rounds} "
-          f"torch_threads={torch.get_num_threads()} cpus={os.cpu_count()} load+compile_s={compile_s:.1f}")
+          f"jax_devices={jax.device_count()} torch_threads={torch.get_num_threads()} cpus={os.cpu_count()} load+compile_s={compile_s:.1f}")
     for k, v in sps.items():
         line = f"{k:>10}: {v:8.3f} steps/s (median of {args.rounds} rounds x {args.steps} steps)"
         if flops:
             line += f", {flops * v / 1e9:8.2f} GFLOP/s at XLA's count"
         print(line)
     if flops:
-        print(f"flops_per_step={flops / 1e9:.3f} GFLOP (XLA cost analysis of the ablate_jax step)")
+        print(f"flops_per_step={flops / 1e9:.3f} GFLOP (XLA cost analysis of the ablate_jax step, all devices)")
     xm = xla_memory(compiled)
     if xm is not None:
         print(f"xla_planned_memory_mib={xm:.1f} (arguments + outputs + temporaries of the compiled step)")

@@ -301,8 +301,12 @@ def test_fsdp_that_does_not_divide_the_devices_is_refused(tmp_path, toy_pipe):
     (["--num_processes=2"], "--num_processes also needs --coordinator_address and --process_id"),
     (["--coordinator_address=127.0.0.1:1", "--num_processes=2", "--process_id=2"], "--process_id must be in 0..1"),
     (["--coordinator_address=127.0.0.1:1", "--num_processes=0", "--process_id=0"], "--num_processes must be at least 1"),
+    (["--cpu_devices=0"], "--cpu_devices must be at least 1"),
+    # This test process started JAX long ago; a command would set it first thing.
+    (["--cpu_devices=2"], "--cpu_devices must be set before JAX starts"),
 ])
 def test_inconsistent_process_flags_are_one_line(flags, message, tmp_path, capsys):
+    assert jax.device_count() == 8  # JAX has started in this process, whatever ran before
     argv = ["generate", f"--config={ROOT / 'configs' / 'xattn.py'}", f"--workdir={tmp_path / 'run'}", *flags]
     assert generate.main(argv) == 1
     err = capsys.readouterr().err.strip().splitlines()
@@ -331,3 +335,14 @@ def test_compilation_cache_flag_defaults_to_the_environment_and_can_be_turned_of
         assert distributed.use_compilation_cache("gs://b/xla") == "gs://b/xla"
     finally:
         jax.config.update("jax_compilation_cache_dir", before)
+
+
+def test_cpu_devices_flag_splits_the_cpu():
+    # A fresh process, as a command starts: the flag wins over the XLA_FLAGS that conftest set.
+    code = ("import sys, jax; from absl import flags; from ablate_jax import distributed; "
+            "fv = flags.FlagValues(); distributed.define_flags(fv); fv(sys.argv); "
+            "distributed.initialize_from_flags(fv); print(jax.device_count(), jax.default_backend())")
+    out = subprocess.run([sys.executable, "-c", code, "--cpu_devices=3"], capture_output=True, text=True, check=True,
+                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert "--xla_force_host_platform_device_count=8" in os.environ["XLA_FLAGS"]
+    assert out.stdout.split() == ["3", "cpu"]
