@@ -28,6 +28,25 @@ def test_pretraining_smoke_run_lowers_every_loss(tmp_path):
     assert not same(joint.params["vision_model"], clip.params["vision_model"])
 
 
+def test_pretraining_steps_do_not_depend_on_the_device_count():
+    # Each batch is split over the devices; the random draws inside the loss must not follow the split.
+    from ablate_jax import sharding
+
+    def loss_fn(params, batch, key):
+        noise = jax.random.normal(key, (batch["x"].shape[0], 3))
+        return ((batch["x"] @ params["w"] + noise) ** 2).mean()
+
+    def batches(i):
+        return {"x": np.random.default_rng(i).standard_normal((16, 4)).astype(np.float32)}
+
+    start = {"w": np.ones((4, 3), np.float32)}
+    fit = lambda devices: pretrain._fit("t", loss_fn, start, batches, 5, 1e-2, jax.random.key(0),  # noqa: E731
+                                        mesh=sharding.make_mesh(devices))
+    one, eight = fit(jax.devices()[:1]), fit(jax.devices())
+    assert not np.allclose(one["w"], start["w"])
+    np.testing.assert_allclose(eight["w"], one["w"], rtol=1e-5, atol=1e-6)
+
+
 def test_shipped_model_is_the_default_and_small():
     size = sum(f.stat().st_size for f in toy.ASSETS.rglob("*") if f.is_file())
     assert size <= 20 * 2**20, size

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -40,6 +41,7 @@ from flax import traverse_util
 from tqdm.auto import tqdm
 
 from ablate_jax import schedule as schedule_lib
+from ablate_jax import sharding
 from ablate_jax.models.clip import CLIPModel, CLIPTextModel
 from ablate_jax.models.loading import save_component
 from ablate_jax.models.unet import UNet2DConditionModel
@@ -196,20 +198,27 @@ def _fit(
     ema_decay: float | None = None,
     history: dict[str, list[float]] | None = None,
     trainable: Callable[[tuple[str, ...]], bool] | None = None,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> Any:
-    """A plain training loop with a progress bar; returns the final (or EMA) parameters.
+    """A plain data-parallel training loop with a progress bar; returns the final (or EMA) parameters.
 
-    The loss every 50 steps (and at the last) is appended to ``history[name]``. With
-    ``trainable`` (a predicate on parameter paths) the other parameters stay fixed.
+    Parameters and optimizer state are replicated over every device and each batch is split
+    across them (its size must divide by the device count); random draws do not depend on the
+    split, so the device count changes results only by float rounding. The loss every 50 steps
+    (and at the last) is appended to ``history[name]``. With ``trainable`` (a predicate on
+    parameter paths) the other parameters stay fixed. ``mesh`` defaults to every device.
     """
     tx = _adamw(lr, steps)
     if trainable is not None:
         labels = traverse_util.path_aware_map(lambda path, _: "train" if trainable(path) else "frozen", params)
         tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
-    opt_state = tx.init(params)
+    mesh = mesh or sharding.make_mesh()
+    rep, data = sharding.replicated(mesh), sharding.batch_sharded(mesh)
+    params = jax.device_put(params, rep)
+    opt_state = jax.device_put(tx.init(params), rep)
     ema = params if ema_decay else None
 
-    @jax.jit
+    @functools.partial(jax.jit, out_shardings=(rep, rep, rep, rep))
     def step(params, opt_state, ema, batch, key):
         loss, grads = jax.value_and_grad(loss_fn)(params, batch, key)
         updates, opt_state = tx.update(grads, opt_state, params)
@@ -221,7 +230,8 @@ def _fit(
     bar = tqdm(range(steps), desc=name, unit="step", mininterval=2)
     losses = []
     for i in bar:
-        params, opt_state, ema, loss = step(params, opt_state, ema, batches(i), jax.random.fold_in(key, i))
+        batch = jax.device_put(batches(i), data)
+        params, opt_state, ema, loss = step(params, opt_state, ema, batch, jax.random.fold_in(key, i))
         if i % 50 == 0 or i == steps - 1 or steps <= 50:
             losses.append(float(loss))
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
@@ -507,7 +517,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--budget", default="full", choices=sorted(BUDGETS))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--until", default=STAGES[-1], choices=STAGES, help="stop after this stage")
+    ap.add_argument("--cpu-devices", type=int, default=None,
+                    help="on a CPU, split it into this many devices and each batch across them (one per core)")
     args = ap.parse_args(argv)
+    if args.cpu_devices:
+        jax.config.update("jax_num_cpu_devices", args.cpu_devices)
     pretrain(args.out, BUDGETS[args.budget], args.seed, STAGES[: STAGES.index(args.until) + 1])
 
 
