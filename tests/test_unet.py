@@ -282,7 +282,7 @@ def test_conv_smaller_than_its_kernel_matches_pytorch(size, kernel, padding):
     (pt, pb), (pl, pr) = padding
     xt = torch.nn.functional.pad(torch.from_numpy(x.transpose(0, 3, 1, 2)), (pl, pr, pt, pb))
     wt = torch.from_numpy(np.asarray(params["kernel"]).transpose(3, 2, 0, 1).copy())
-    want = torch.nn.functional.conv2d(xt, wt, torch.from_numpy(np.asarray(params["bias"]))).numpy()
+    want = torch.nn.functional.conv2d(xt, wt, torch.from_numpy(np.array(params["bias"]))).numpy()
     want = want.transpose(0, 2, 3, 1)
     assert got.shape == want.shape
     assert rel_err(got, want) <= 1e-6
