@@ -25,6 +25,11 @@ import jax
 log = logging.getLogger("ablate_jax")
 
 
+# Programs depend only on the model's shapes and the config, not on the concept, so a second
+# run (another concept, a resumed run, the next stage's command) compiles nothing.
+DEFAULT_COMPILATION_CACHE = "~/.cache/ablate_jax/xla"
+
+
 class DistributedError(RuntimeError):
     """The multi-process runtime cannot be started as asked; the message says why."""
 
@@ -64,11 +69,6 @@ def initialize_from_flags(flag_values: Any = None) -> bool:
         set_cpu_devices(fv.cpu_devices)
     return initialize(coordinator_address=fv.coordinator_address, num_processes=fv.num_processes,
                       process_id=fv.process_id, auto=fv.distributed, heartbeat_timeout=fv.heartbeat_timeout)
-
-
-# Programs depend only on the model's shapes and the config, not on the concept, so a second
-# run (another concept, a resumed run, the next stage's command) compiles nothing.
-DEFAULT_COMPILATION_CACHE = "~/.cache/ablate_jax/xla"
 
 
 def use_compilation_cache(path: str | None) -> str | None:

@@ -38,11 +38,10 @@ def main() -> None:
 
     import jax
 
-    if args.cpu_devices:
-        jax.config.update("jax_num_cpu_devices", args.cpu_devices)
-
     from ablate_jax import distributed, train
 
+    if args.cpu_devices is not None:
+        distributed.set_cpu_devices(args.cpu_devices)  # before anything starts JAX
     distributed.use_compilation_cache(args.compilation_cache)
 
     spec = importlib.util.spec_from_file_location("bench_config", args.config)

@@ -36,7 +36,9 @@ def main() -> None:
 
     import jax
 
-    jax.config.update("jax_num_cpu_devices", args.cpu_devices)
+    from ablate_jax import distributed
+
+    distributed.set_cpu_devices(args.cpu_devices)  # before anything starts JAX
     import numpy as np
     import torch
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline

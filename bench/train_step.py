@@ -259,7 +259,9 @@ def main() -> None:
     import numpy as np
     import torch
 
-    jax.config.update("jax_num_cpu_devices", args.cpu_devices)
+    from ablate_jax import distributed
+
+    distributed.set_cpu_devices(args.cpu_devices)  # before anything starts JAX
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.only:

@@ -40,8 +40,8 @@ from etils import epath
 from flax import traverse_util
 from tqdm.auto import tqdm
 
+from ablate_jax import distributed, sharding
 from ablate_jax import schedule as schedule_lib
-from ablate_jax import sharding
 from ablate_jax.models.clip import CLIPModel, CLIPTextModel
 from ablate_jax.models.loading import save_component
 from ablate_jax.models.unet import UNet2DConditionModel
@@ -212,7 +212,7 @@ def _fit(
     if trainable is not None:
         labels = traverse_util.path_aware_map(lambda path, _: "train" if trainable(path) else "frozen", params)
         tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
-    mesh = mesh or sharding.make_mesh()
+    mesh = sharding.make_mesh() if mesh is None else mesh
     rep, data = sharding.replicated(mesh), sharding.batch_sharded(mesh)
     params = jax.device_put(params, rep)
     opt_state = jax.device_put(tx.init(params), rep)
@@ -520,8 +520,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cpu-devices", type=int, default=None,
                     help="on a CPU, split it into this many devices and each batch across them (one per core)")
     args = ap.parse_args(argv)
-    if args.cpu_devices:
-        jax.config.update("jax_num_cpu_devices", args.cpu_devices)
+    if args.cpu_devices is not None:
+        try:
+            distributed.set_cpu_devices(args.cpu_devices)
+        except distributed.DistributedError as err:
+            ap.error(str(err))
     pretrain(args.out, BUDGETS[args.budget], args.seed, STAGES[: STAGES.index(args.until) + 1])
 
 
