@@ -40,6 +40,7 @@ def main() -> None:
 
     from ablate_jax import distributed, train
 
+    distributed.tune_cpu_compiler()  # as the train command does
     if args.cpu_devices is not None:
         distributed.set_cpu_devices(args.cpu_devices)  # before anything starts JAX
     distributed.use_compilation_cache(args.compilation_cache)

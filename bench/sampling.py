@@ -38,6 +38,7 @@ def main() -> None:
 
     from ablate_jax import distributed
 
+    distributed.tune_cpu_compiler()  # as the package's commands do
     distributed.set_cpu_devices(args.cpu_devices)  # before anything starts JAX
     import numpy as np
     import torch

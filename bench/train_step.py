@@ -261,6 +261,7 @@ def main() -> None:
 
     from ablate_jax import distributed
 
+    distributed.tune_cpu_compiler()  # as the package's commands do
     distributed.set_cpu_devices(args.cpu_devices)  # before anything starts JAX
     if args.threads:
         torch.set_num_threads(args.threads)

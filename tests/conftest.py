@@ -31,6 +31,12 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 
 import pytest  # noqa: E402  (after the environment is set)
 
+from ablate_jax import distributed  # noqa: E402  (imports jax; its backends start later)
+
+# The XLA options every command sets, so that tests compute what the commands compute, in this
+# process and in the commands it starts (they inherit XLA_FLAGS).
+distributed.tune_cpu_compiler()
+
 TEST_BUCKET = "ablate-test"
 
 

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 import pytest
 
-from ablate_jax import checkpointing, export, generate, sharding, storage, train
+from ablate_jax import checkpointing, distributed, export, generate, sharding, storage, train
 from ablate_jax.config import concept_from_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -317,7 +317,6 @@ def test_inconsistent_process_flags_are_one_line(flags, message, tmp_path, capsy
 def test_compilation_cache_flag_defaults_to_the_environment_and_can_be_turned_off(monkeypatch):
     from absl import flags
 
-    from ablate_jax import distributed
 
     fv = flags.FlagValues()
     distributed.define_flags(fv)
@@ -346,3 +345,38 @@ def test_cpu_devices_flag_splits_the_cpu():
                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert "--xla_force_host_platform_device_count=8" in os.environ["XLA_FLAGS"]
     assert out.stdout.split() == ["3", "cpu"]
+
+
+_YNN_REDUCE_PROBE = """
+import json, re, sys
+from ablate_jax import distributed
+added = distributed.tune_cpu_compiler()
+import jax, jax.numpy as jnp
+text = jax.jit(lambda x: jnp.tanh(x @ x).sum(-1)).lower(jnp.ones((64, 64))).compile().as_text()
+# The computations that XLA hands to YNNPACK, and whether any of them holds a reduction.
+ynn = set(re.findall(r"calls=%([\\w.-]+).*__ynn_fusion", text))
+bodies = re.split(r"\\n(?=%|ENTRY)", text)
+reduce_in_ynn = any(b.startswith("%" + name + " ") and " reduce(" in b for b in bodies for name in ynn)
+print(json.dumps({"added": added, "dot_in_ynn": bool(ynn), "reduce_in_ynn": reduce_in_ynn}))
+"""
+
+
+@pytest.mark.parametrize("xla_flags, added", [
+    ("", ["--xla_cpu_experimental_ynn_fusion_type=-reduce"]),
+    # The user's own setting of the same flag wins (here: XLA's default list, unchanged).
+    ("--xla_cpu_experimental_ynn_fusion_type=+reduce", []),
+])
+def test_commands_keep_reductions_out_of_ynnpack(xla_flags, added):
+    out = subprocess.run([sys.executable, "-c", _YNN_REDUCE_PROBE], capture_output=True, text=True, check=True,
+                         env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags})
+    probe = json.loads(out.stdout.splitlines()[-1])
+    assert probe["added"] == added
+    assert probe["dot_in_ynn"]  # the matrix product still goes to YNNPACK
+    assert probe["reduce_in_ynn"] == (not added)
+
+
+def test_cpu_compiler_tuning_waits_for_nothing_once_jax_has_started(monkeypatch):
+    jax.devices()
+    monkeypatch.setenv("XLA_FLAGS", "")
+    assert distributed.tune_cpu_compiler() == []
+    assert os.environ["XLA_FLAGS"] == ""

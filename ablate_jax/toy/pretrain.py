@@ -520,6 +520,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cpu-devices", type=int, default=None,
                     help="on a CPU, split it into this many devices and each batch across them (one per core)")
     args = ap.parse_args(argv)
+    distributed.tune_cpu_compiler()
     if args.cpu_devices is not None:
         try:
             distributed.set_cpu_devices(args.cpu_devices)
