@@ -47,6 +47,14 @@ def test_pretraining_steps_do_not_depend_on_the_device_count():
     np.testing.assert_allclose(eight["w"], one["w"], rtol=1e-5, atol=1e-6)
 
 
+def test_pretraining_refuses_a_device_count_below_one(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        pretrain.main(["--out", str(tmp_path / "out"), "--cpu-devices", "0"])
+    assert exit_info.value.code == 2
+    assert "--cpu-devices must be at least 1, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_shipped_model_is_the_default_and_small():
     size = sum(f.stat().st_size for f in toy.ASSETS.rglob("*") if f.is_file())
     assert size <= 20 * 2**20, size

@@ -525,7 +525,7 @@ def main(argv: list[str] | None = None) -> None:
         try:
             distributed.set_cpu_devices(args.cpu_devices)
         except distributed.DistributedError as err:
-            ap.error(str(err))
+            ap.error(str(err).replace("--cpu_devices", "--cpu-devices"))  # this command's spelling of the flag
     pretrain(args.out, BUDGETS[args.budget], args.seed, STAGES[: STAGES.index(args.until) + 1])
 
 
