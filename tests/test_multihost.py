@@ -317,7 +317,6 @@ def test_inconsistent_process_flags_are_one_line(flags, message, tmp_path, capsy
 def test_compilation_cache_flag_defaults_to_the_environment_and_can_be_turned_off(monkeypatch):
     from absl import flags
 
-
     fv = flags.FlagValues()
     distributed.define_flags(fv)
     fv(["cmd"])
@@ -375,7 +374,7 @@ def test_commands_keep_reductions_out_of_ynnpack(xla_flags, added):
     assert probe["reduce_in_ynn"] == (not added)
 
 
-def test_cpu_compiler_tuning_waits_for_nothing_once_jax_has_started(monkeypatch):
+def test_cpu_compiler_tuning_adds_nothing_once_jax_has_started(monkeypatch):
     jax.devices()
     monkeypatch.setenv("XLA_FLAGS", "")
     assert distributed.tune_cpu_compiler() == []
