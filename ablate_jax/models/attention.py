@@ -1,9 +1,11 @@
 """Attention layers (channels-last): multi-head attention, the transformer block and the
 spatial transformer used inside the UNet's cross-attention blocks.
 
-All attention goes through ``jax.nn.dot_product_attention`` ([B, T, N, H] layout); its
-``implementation`` argument is exposed as ``attention_implementation`` (None lets JAX pick,
-"cudnn" asks for the cuDNN flash kernel on GPU).
+All attention goes through ``blocked_attention.dot_product_attention``, which has the contract of
+``jax.nn.dot_product_attention`` ([B, T, N, H] layout); its ``implementation`` argument is exposed as
+``attention_implementation``: None picks (query-blocked attention on CPU for large score
+matrices, else JAX's choice), "blocked" forces the CPU path, "xla" forces JAX's plain XLA
+attention, "cudnn" asks for the cuDNN flash kernel on GPU.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ablate_jax.models.blocked_attention import dot_product_attention
 from ablate_jax.models.blocks import conv, group_norm
 
 Dtype = Any
@@ -67,7 +70,7 @@ class Attention(nn.Module):
         # the softmax in float32, so upcasting is left to the other implementations.
         if self.upcast and self.attention_implementation != "cudnn":
             q, k, v = (t.astype(jnp.float32) for t in (q, k, v))
-        out = jax.nn.dot_product_attention(
+        out = dot_product_attention(
             q, k, v, scale=self.head_dim**-0.5, implementation=self.attention_implementation
         )
         out = out.reshape(b, out.shape[1], inner).astype(self.dtype)
