@@ -90,7 +90,9 @@ def main() -> None:
     ap.add_argument("--mfu", type=float, default=0.4, help="assumed fraction of peak reached")
     args = ap.parse_args()
 
-    pipe = sd_shapes.pipeline(dtype=jnp.bfloat16)
+    # XLA's attention: on a CPU the models would pick the query-blocked one, a loop whose body the
+    # cost analysis counts once.
+    pipe = sd_shapes.pipeline(dtype=jnp.bfloat16, attention_implementation="xla")
     print(f"SD 1.x shapes: UNet {sd_shapes.count(pipe.params['unet']) / 1e6:.0f}M, VAE "
           f"{sd_shapes.count(pipe.params['vae']) / 1e6:.0f}M, text encoder "
           f"{sd_shapes.count(pipe.params['text_encoder']) / 1e6:.0f}M parameters; {args.resolution}x{args.resolution}, "

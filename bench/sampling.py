@@ -5,6 +5,9 @@ process, alternating rounds so that machine noise hits both alike. The last line
 ``speedup_vs_torch=<x>`` (ablate_jax images/s divided by PyTorch images/s).
 
     make bench                      # or: .venv/bin/python bench/sampling.py --model=small --batch=8
+
+``--baseline=xla-attention`` adds an ablate_jax side with JAX's plain XLA attention instead of the
+query-blocked CPU attention, timed in the same alternation; it prints ``change_vs_xla-attention=``.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ def main() -> None:
     ap.add_argument("--cpu-devices", type=int, default=1,
                     help="split the CPU into this many JAX devices (the train command's --cpu_devices)")
     ap.add_argument("--settle", type=float, default=1.0, help="seconds of pause before each timed round")
+    ap.add_argument("--baseline", action="append", default=[], choices=["xla-attention"],
+                    help="also time ablate_jax with this CPU choice undone")
     args = ap.parse_args()
 
     import jax
@@ -74,18 +79,29 @@ def main() -> None:
     # or (--cpu-devices) a device per core.
     mesh = sharding.make_mesh(jax.devices())
 
-    def run_jax() -> None:
-        generate(pipe, pipe.params, prompts, jax.random.key(0), cfg, mesh=mesh, batch_size=args.batch)
+    def jax_side(pipe):
+        def run() -> np.ndarray:
+            return generate(pipe, pipe.params, prompts, jax.random.key(0), cfg, mesh=mesh, batch_size=args.batch)
+
+        return run
+
+    run_jax = jax_side(pipe)
 
     def run_torch() -> None:
         with torch.no_grad():
             ref(prompts, num_inference_steps=args.steps, guidance_scale=args.guidance, output_type="np")
 
-    run_jax()  # compile once, outside the timed rounds
-    run_torch()
-    times = {"ablate_jax": [], "torch": []}
+    sides = {"ablate_jax": run_jax, "torch": run_torch}
+    for name in args.baseline:
+        sides[f"ablate_jax[{name}]"] = jax_side(load_pipeline(path, attention_implementation="xla"))
+    # Compile once, outside the timed rounds; a baseline draws the same images to float32 rounding.
+    first = {name: fn() for name, fn in sides.items()}
+    for name in args.baseline:
+        diff = np.abs(np.asarray(first[f"ablate_jax[{name}]"], np.float32) - np.asarray(first["ablate_jax"], np.float32))
+        print(f"max_pixel_difference[{name}]={diff.max():.0f} (of 255)")
+    times = {name: [] for name in sides}
     for _ in range(args.rounds):
-        for name, fn in (("ablate_jax", run_jax), ("torch", run_torch)):
+        for name, fn in sides.items():
             time.sleep(args.settle)  # the other side's worker threads spin on for a while after its last op
             t0 = time.perf_counter()
             fn()
@@ -95,6 +111,8 @@ def main() -> None:
           f"jax_devices={jax.device_count()} torch_threads={torch.get_num_threads()}")
     for k, v in ips.items():
         print(f"{k:>10}: {v:8.2f} images/s (median of {args.rounds})")
+    for name in args.baseline:
+        print(f"change_vs_{name}={ips['ablate_jax'] / ips[f'ablate_jax[{name}]'] - 1:+.1%}")
     print(f"speedup_vs_torch={ips['ablate_jax'] / ips['torch']:.2f}")
 
 

@@ -13,6 +13,13 @@ matmul on this machine, and each side's peak memory. The last line is ``speedup_
 ``small`` is a random UNet shaped like Stable Diffusion 1.x (four levels, two ResNet and
 transformer blocks per level, 8 heads) at a fifth of its width, on 32x32 (``--pixels=64``:
 64x64) images.
+
+``--baseline=NAME`` (repeatable) adds an ablate_jax side with one of its CPU choices undone, timed
+in the same alternation, to measure that choice by itself: ``xla-attention`` (JAX's plain XLA
+attention instead of the query-blocked one) or ``ynn-reductions`` (XLA's default YNNPACK fusion
+list, reductions included). It prints ``change_vs_<NAME>=`` (ablate_jax over the baseline).
+
+    .venv/bin/python bench/train_step.py --model=small --batch=8 --steps=3 --baseline=xla-attention --no-memory
 """
 
 from __future__ import annotations
@@ -99,8 +106,19 @@ def make_images(batch: int, size: int, seed: int = 0):
 # ------------------------------------------------------------------------------------------------ the two sides
 
 
-def build_jax(folder: Path, batch: int, lr: float):
-    """``(run, compiled, args)``: ``run()`` does one step and waits for it."""
+# What each --baseline undoes: keyword arguments for the models, and XLA compiler options.
+BASELINES = {
+    "xla-attention": ({"attention_implementation": "xla"}, {}),
+    # XLA's own default list (jaxlib 0.10), which the commands' `-reduce` trims.
+    "ynn-reductions": ({}, {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE,"
+                            "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"}),
+}
+
+
+def build_jax(folder: Path, batch: int, lr: float, baseline: str | None = None, lower_only: bool = False):
+    """``(run, compiled, args)``: ``run()`` does one step and waits for it. ``baseline`` names an
+    entry of ``BASELINES`` to build the step with that choice undone. ``lower_only``: return the
+    lowered (uncompiled) step instead."""
     import jax
     import numpy as np
 
@@ -110,7 +128,8 @@ def build_jax(folder: Path, batch: int, lr: float):
     from ablate_jax.sampling import tokenize
     from ablate_jax.train import make_train_step
 
-    pipe = load_pipeline(folder)
+    model_kwargs, compiler_options = BASELINES[baseline] if baseline else ({}, {})
+    pipe = load_pipeline(folder, **model_kwargs)
     selection = params_lib.selection(pipe.params, "xattn_kv")
     tx = params_lib.optimizer(lr, weight_decay=1e-2, clip_norm=1.0)
     loss_cfg = losses.LossConfig(loss="model_based", teacher="frozen", prior_weight=0.0, preserve_weight=0.0)
@@ -129,7 +148,10 @@ def build_jax(folder: Path, batch: int, lr: float):
     dev_batch = {k: jax.device_put(v, data) for k, v in host_batch.items()}
     step_fn = jax.jit(make_train_step(pipe, selection, loss_cfg, tx, seed=0), in_shardings=(rep, rep, data),
                       out_shardings=(rep, rep), donate_argnums=(0,))
-    compiled = step_fn.lower(state, base, dev_batch).compile()
+    lowered = step_fn.lower(state, base, dev_batch)
+    if lower_only:
+        return lowered
+    compiled = lowered.compile(compiler_options or None)
     box = {"state": state}
 
     def run() -> float:
@@ -157,10 +179,15 @@ def build_torch(folder: Path, batch: int, lr: float, images):
 # ------------------------------------------------------------------------------------------------ measures
 
 
-def step_flops(compiled) -> float | None:
-    """FLOPs of one step by XLA's cost analysis (a dict, or a list of dicts in some jax versions)."""
+def step_flops(folder: Path, batch: int, lr: float) -> float | None:
+    """FLOPs of one step by XLA's cost analysis (a dict, or a list of dicts in some jax versions).
+
+    Counted on the step with XLA's plain attention: the query-blocked CPU attention loops over
+    blocks, and the cost analysis counts a loop's body once. So these are the model's FLOPs, without
+    the probabilities that the blocked backward pass recomputes.
+    """
     try:
-        cost = compiled.cost_analysis()
+        cost = build_jax(folder, batch, lr, "xla-attention", lower_only=True).cost_analysis()
     except Exception:  # noqa: BLE001  (not every backend implements it)
         return None
     if isinstance(cost, (list, tuple)):
@@ -252,6 +279,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
     ap.add_argument("--no-memory", action="store_true", help="skip the per-side peak memory children")
+    ap.add_argument("--baseline", action="append", default=[], choices=sorted(BASELINES),
+                    help="also time ablate_jax with this CPU choice undone (repeatable)")
     ap.add_argument("--only", choices=["jax", "torch"], help=argparse.SUPPRESS)  # memory child
     args = ap.parse_args()
 
@@ -274,13 +303,21 @@ def main() -> None:
     run_jax, compiled, images = build_jax(folder, args.batch, args.lr)
     compile_s = time.perf_counter() - t0
     run_torch = build_torch(folder, args.batch, args.lr, images)
+    sides = {"ablate_jax": run_jax, "torch": run_torch}
+    losses = {"ablate_jax": run_jax()}
+    for name in args.baseline:
+        sides[f"ablate_jax[{name}]"] = build_jax(folder, args.batch, args.lr, name)[0]
+        losses[name] = sides[f"ablate_jax[{name}]"]()
+    # The same computation either way: the first steps' losses agree to float32 rounding.
+    for name in args.baseline:
+        print(f"first_loss[{name}]={losses[name]:.6g} (ablate_jax: {losses['ablate_jax']:.6g})")
     for _ in range(args.warmup):
-        run_jax()
-        run_torch()
+        for fn in sides.values():
+            fn()
 
-    times: dict[str, list[float]] = {"ablate_jax": [], "torch": []}
+    times: dict[str, list[float]] = {name: [] for name in sides}
     for _ in range(args.rounds):
-        for name, fn in (("ablate_jax", run_jax), ("torch", run_torch)):
+        for name, fn in sides.items():
             # Both runtimes' worker threads keep spinning for a while after their last op;
             # a pause lets the other side's threads go idle before the clock starts.
             time.sleep(args.settle)
@@ -290,7 +327,7 @@ def main() -> None:
             times[name].append((time.perf_counter() - t0) / args.steps)
     sps = {k: 1.0 / float(np.median(v)) for k, v in times.items()}
 
-    flops = step_flops(compiled)
+    flops = step_flops(folder, args.batch, args.lr)
     if flops:
         flops *= jax.device_count()  # the cost analysis counts one device's share of the program
     peak = matmul_gflops()
@@ -315,6 +352,8 @@ def main() -> None:
     print(f"matmul_f32_gflops={peak:.1f} (jitted 2048x2048 jnp.dot, best of 10)")
     if flops:
         print(f"ablate_jax_fraction_of_matmul={flops * sps['ablate_jax'] / 1e9 / peak:.3f}")
+    for name in args.baseline:
+        print(f"change_vs_{name}={sps['ablate_jax'] / sps[f'ablate_jax[{name}]'] - 1:+.1%}")
     print(f"speedup_vs_torch={sps['ablate_jax'] / sps['torch']:.2f}")
 
 
