@@ -55,8 +55,6 @@ def test_style_ablation_keeps_the_other_backgrounds(style_run):
         assert abs(acc["ablated"] - acc["base"]) <= TOLERANCE, (name, acc)
 
 
-@pytest.mark.xfail(strict=True, reason="on the shipped toy model the orange-star anchor set moves 0.95 -> 0.85 "
-                                       "while the memorized image goes 1.00 -> 0.00 (README, Results)")
 def test_memorized_image_is_no_longer_reproduced(tmp_path_factory):
     report = _run(tmp_path_factory, full.get_config(NO_EXPORT))
     rate = report["memorization"]["rate"]
@@ -77,10 +75,9 @@ def test_embedding_run_removes_the_target_and_nothing_else(tmp_path_factory):
         assert _acc(report, name)["ablated"] == _acc(report, name)["base"], name
 
 
-@pytest.mark.xfail(strict=True, reason="on the shipped toy model the noise-based loss leaves the smiley at 0.20 "
-                                       "after 600 steps (README, Results)")
 def test_noise_based_run_removes_the_target(tmp_path_factory):
-    # Regressing the true noise is a noisier signal than the teacher's prediction: twice the steps.
+    # The loss picks the toy world's preservation weight (1 here, 4 with the teacher's prediction).
     report = _run(tmp_path_factory, xattn.get_config(f"loss=noise_based,train.steps=600,{NO_EXPORT}"))
     acc = _acc(report, "smiley")
     assert acc["base"] >= 0.85 and acc["ablated"] <= 0.10
+    assert report["sets"]["smiley"]["anchor_rate"]["ablated"] >= 0.80

@@ -215,6 +215,15 @@ def test_unknown_config_key_is_refused():
         xattn.get_config("train.stepz=3")
 
 
+def test_the_loss_picks_the_toy_preservation_weight_and_an_explicit_weight_wins():
+    assert xattn.get_config().preserve.weight == 4.0
+    assert xattn.get_config("loss=noise_based").preserve.weight == 1.0
+    assert xattn.get_config("preserve.weight=2,loss=noise_based").preserve.weight == 2.0
+    assert xattn.get_config("loss=noise_based,model=/data/sd").preserve.weight == 0.0  # real models: none by default
+    with pytest.raises(ConfigError, match="loss must be one of model_based, noise_based, got 'kl'"):
+        xattn.get_config("loss=kl")
+
+
 def test_preserve_concepts_come_from_the_preset_and_relabel_the_report_sets():
     from ablate_jax.config import concept_from_config  # noqa: PLC0415
 
