@@ -44,8 +44,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(workdir: str | Path, arg: str, logs: Path, env_extra: dict | None = None) -> list[subprocess.Popen]:
-    """Starts the train command as PROCESSES processes of one run; their output goes to ``logs``."""
+def _launch(workdir: str | Path, arg: str, logs: Path, env_extra: dict | None = None,
+            heartbeat_timeout: int = 60) -> list[subprocess.Popen]:
+    """Starts the train command as PROCESSES processes of one run; their output goes to ``logs``.
+
+    The heartbeat timeout is generous by default: on a loaded 2-core machine a process importing
+    TensorFlow's reader can miss heartbeats for over 10 s, and the service then ends a healthy run.
+    """
     port = _free_port()
     env = dict(os.environ)
     env.update({
@@ -60,7 +65,7 @@ def _launch(workdir: str | Path, arg: str, logs: Path, env_extra: dict | None = 
     for pid in range(PROCESSES):
         cmd = [sys.executable, "-m", "ablate_jax.train", f"--config={ROOT / 'configs' / 'xattn.py'}:{arg}",
                f"--workdir={workdir}", f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={PROCESSES}",
-               f"--process_id={pid}", "--heartbeat_timeout=10"]
+               f"--process_id={pid}", f"--heartbeat_timeout={heartbeat_timeout}"]
         log = open(logs / f"process{pid}.log", "w")  # noqa: SIM115  (closed with the process)
         procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=logs))
     return procs
@@ -197,7 +202,7 @@ def test_a_dead_process_stops_the_others_with_a_clear_error(two_processes, tmp_p
     logs = tmp_path / "logs"
     logs.mkdir()
     procs = _launch(workdir, ARG.replace("train.steps=4", "train.steps=200"), logs,
-                    {train.STEP_DELAY_ENV: "0.5"})
+                    {train.STEP_DELAY_ENV: "0.5"}, heartbeat_timeout=10)
     try:
         deadline = time.monotonic() + 300
         while "resumed from the checkpoint at step 4" not in (logs / "process1.log").read_text():
