@@ -1,22 +1,29 @@
 """How good the toy world's models are, measured with fixed seeds.
 
-    python -m ablate_jax.toy.quality [--model toy] [--grid out.png]
+    python -m ablate_jax.toy.quality [--model toy] [--guidance 6] [--grid out.png]
 
 - evaluator: zero-shot accuracy of the toy CLIP, per attribute (shape including the face
   instances, colour, background), on freshly drawn images, with "A photo depicts {concept}";
+- evaluator on the same drawings after the pipeline's VAE (encoded, decoded): every generated
+  image comes out of that decoder, so this is the most the base model's agreement can reach;
 - base model: over held-out prompts that name all three attributes, the fraction of
   generations in which the evaluator agrees with the prompt, per attribute;
 - memorization: the fraction of samples whose ``world.memorization_similarity`` to the
   memorized image exceeds ``world.MEMORIZATION_THRESHOLD``, from the memorized caption and
   from ordinary prompts.
+
+Each reading is also broken down by value (``Readings.by_value``), with the most frequent
+confusions, which is what says where a model falls short.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
@@ -39,13 +46,70 @@ def classify(clip: CLIP, images: np.ndarray) -> dict[str, np.ndarray]:
     return out
 
 
-def evaluator_accuracy(clip: CLIP, n: int = 600, seed: int = 1001) -> dict[str, float]:
-    """Zero-shot accuracy per attribute on ``n`` freshly drawn scenes (no memorized image)."""
+@dataclasses.dataclass
+class Readings:
+    """The evaluator's reading of each image next to what the image should show, per attribute."""
+
+    predicted: dict[str, np.ndarray]
+    truth: dict[str, np.ndarray]
+
+    @classmethod
+    def of(cls, clip: CLIP, images: np.ndarray, scenes: list[world.Scene]) -> Readings:
+        return cls(classify(clip, images), {a: np.asarray([getattr(s, a) for s in scenes]) for a in ATTRIBUTES})
+
+    def accuracy(self) -> dict[str, float]:
+        return {a: float(np.mean(self.predicted[a] == self.truth[a])) for a in ATTRIBUTES}
+
+    def by_value(self, attribute: str) -> dict[str, tuple[int, int]]:
+        """value -> (images read as that value, images that show it)."""
+        truth, pred = self.truth[attribute], self.predicted[attribute]
+        return {str(v): (int(np.sum(pred[truth == v] == v)), int(np.sum(truth == v))) for v in np.unique(truth)}
+
+    def confusions(self, attribute: str, top: int = 5) -> list[tuple[str, str, int]]:
+        """The most frequent (shown, read as, count) errors."""
+        wrong = self.truth[attribute] != self.predicted[attribute]
+        pairs = collections.Counter(zip(self.truth[attribute][wrong], self.predicted[attribute][wrong], strict=True))
+        return [(str(t), str(p), n) for (t, p), n in pairs.most_common(top)]
+
+    def summary(self) -> str:
+        lines = []
+        for a in ATTRIBUTES:
+            counts = ", ".join(f"{v} {k}/{n}" for v, (k, n) in self.by_value(a).items())
+            errors = ", ".join(f"{t}->{p} {n}" for t, p, n in self.confusions(a))
+            lines.append(f"  {a}: {counts}" + (f"; errors: {errors}" if errors else ""))
+        return "\n".join(lines)
+
+
+def fresh_drawings(n: int = 600, seed: int = 1001) -> tuple[np.ndarray, list[world.Scene]]:
+    """``n`` freshly drawn scenes (no memorized image) and their images."""
     rng = np.random.default_rng(seed)
     scenes = [world.sample_scene(rng) for _ in range(n)]
-    images = np.stack([world.render(s) for s in scenes])
-    pred = classify(clip, images)
-    return {a: float(np.mean(pred[a] == np.asarray([getattr(s, a) for s in scenes]))) for a in ATTRIBUTES}
+    return np.stack([world.render(s) for s in scenes]), scenes
+
+
+def round_trip(pipe: Pipeline, images: np.ndarray, batch: int = 200) -> np.ndarray:
+    """uint8 images encoded by the pipeline's VAE (posterior mean) and decoded again."""
+    vae = pipe.vae
+
+    @jax.jit
+    def run(params, x):
+        mean, _ = vae.apply({"params": params}, x.astype(jnp.float32) / 127.5 - 1.0, method=vae.encode)
+        out = vae.apply({"params": params}, mean, method=vae.decode)
+        return jnp.round(jnp.clip((out + 1.0) * 127.5, 0.0, 255.0)).astype(jnp.uint8)
+
+    return np.concatenate([np.asarray(run(pipe.params["vae"], images[lo : lo + batch]))
+                           for lo in range(0, len(images), batch)])
+
+
+def evaluator_readings(clip: CLIP, n: int = 600, seed: int = 1001, pipe: Pipeline | None = None) -> Readings:
+    """The evaluator on fresh drawings, or (with ``pipe``) on the same drawings after its VAE."""
+    images, scenes = fresh_drawings(n, seed)
+    return Readings.of(clip, images if pipe is None else round_trip(pipe, images), scenes)
+
+
+def evaluator_accuracy(clip: CLIP, n: int = 600, seed: int = 1001) -> dict[str, float]:
+    """Zero-shot accuracy per attribute on ``n`` freshly drawn scenes (no memorized image)."""
+    return evaluator_readings(clip, n, seed).accuracy()
 
 
 def heldout_prompts(n: int, seed: int = 2002) -> tuple[list[str], list[world.Scene]]:
@@ -55,12 +119,17 @@ def heldout_prompts(n: int, seed: int = 2002) -> tuple[list[str], list[world.Sce
     return [world.explicit_caption(s, rng) for s in scenes], scenes
 
 
+def base_model_readings(pipe: Pipeline, clip: CLIP, n: int = 120, seed: int = 0, guidance: float = 6.0) -> Readings:
+    """The evaluator's readings of generations from ``n`` held-out prompts."""
+    prompts, scenes = heldout_prompts(n)
+    cfg = dataclasses.replace(SAMPLING, guidance_scale=guidance)
+    images = generate(pipe, pipe.params, prompts, jax.random.key(seed), cfg, batch_size=64)
+    return Readings.of(clip, images, scenes)
+
+
 def base_model_agreement(pipe: Pipeline, clip: CLIP, n: int = 120, seed: int = 0) -> dict[str, float]:
     """Fraction of generations whose evaluator reading matches the prompt, per attribute."""
-    prompts, scenes = heldout_prompts(n)
-    images = generate(pipe, pipe.params, prompts, jax.random.key(seed), SAMPLING, batch_size=64)
-    pred = classify(clip, images)
-    return {a: float(np.mean(pred[a] == np.asarray([getattr(s, a) for s in scenes]))) for a in ATTRIBUTES}
+    return base_model_readings(pipe, clip, n, seed).accuracy()
 
 
 def memorization_rates(pipe: Pipeline, n: int = 64, seed: int = 0) -> dict[str, float]:
@@ -103,15 +172,23 @@ def measure(model: str = "toy") -> Report:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="Measure the toy world's evaluator and base model.")
     ap.add_argument("--model", default="toy", help="'toy' or a pretrain output folder (with pipeline/ and clip/)")
+    ap.add_argument("--guidance", type=float, default=SAMPLING.guidance_scale,
+                    help="classifier-free guidance of the base model's generations (the bar is measured at 6)")
     ap.add_argument("--grid", default=None, help="also write a sample grid PNG here (a row per prompt, 4x upscaled)")
     args = ap.parse_args(argv)
     if args.model == "toy":
         pipe, clip = load_pipeline("toy"), load_clip("toy")
     else:
         pipe, clip = load_pipeline(f"{args.model}/pipeline"), load_clip(f"{args.model}/clip")
-    print("evaluator zero-shot accuracy:", {k: round(v, 3) for k, v in evaluator_accuracy(clip).items()}, flush=True)
-    print("base model agreement:", {k: round(v, 3) for k, v in base_model_agreement(pipe, clip).items()}, flush=True)
-    print("memorization rates:", {k: round(v, 3) for k, v in memorization_rates(pipe).items()}, flush=True)
+    rounded = lambda d: {k: round(v, 3) for k, v in d.items()}  # noqa: E731
+    for title, readings in (
+        ("evaluator zero-shot accuracy", evaluator_readings(clip)),
+        ("evaluator on the same drawings after the VAE", evaluator_readings(clip, pipe=pipe)),
+        (f"base model agreement (guidance {args.guidance:g})", base_model_readings(pipe, clip, guidance=args.guidance)),
+    ):
+        print(f"{title}:", rounded(readings.accuracy()), flush=True)
+        print(readings.summary(), flush=True)
+    print("memorization rates:", rounded(memorization_rates(pipe)), flush=True)
     if args.grid:
         grid = sample_grid(pipe)
         Image.fromarray(grid).resize((grid.shape[1] * 4, grid.shape[0] * 4), Image.NEAREST).save(args.grid)
