@@ -119,7 +119,9 @@ def heldout_prompts(n: int, seed: int = 2002) -> tuple[list[str], list[world.Sce
     return [world.explicit_caption(s, rng) for s in scenes], scenes
 
 
-def base_model_readings(pipe: Pipeline, clip: CLIP, n: int = 120, seed: int = 0, guidance: float = 6.0) -> Readings:
+def base_model_readings(
+    pipe: Pipeline, clip: CLIP, n: int = 120, seed: int = 0, guidance: float = SAMPLING.guidance_scale
+) -> Readings:
     """The evaluator's readings of generations from ``n`` held-out prompts."""
     prompts, scenes = heldout_prompts(n)
     cfg = dataclasses.replace(SAMPLING, guidance_scale=guidance)
