@@ -131,15 +131,24 @@ def target_token_ids(tokenizer: Any, targets: Sequence[str], anchor: str) -> lis
     return ids
 
 
+def _clipped_adamw(learning_rate: float, weight_decay: float, clip_norm: float, b1: float, b2: float,
+                   eps: float) -> optax.GradientTransformation:
+    return optax.chain(
+        optax.clip_by_global_norm(clip_norm) if clip_norm > 0 else optax.identity(),
+        optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay),
+    )
+
+
 def optimizer(learning_rate: float, weight_decay: float = 1e-2, clip_norm: float = 1.0,
               b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> optax.GradientTransformation:
     """AdamW at a constant rate after global-norm clipping; non-finite updates are skipped and counted.
 
+    The learning rate and weight decay are values in the optimizer state, set by ``init``, not
+    constants of the compiled step: runs that differ only in them (a sweep over rates, the
+    trade-off grid) share one program, in a process and in the persistent compilation cache.
     ``apply_if_finite`` keeps the parameters at their last finite values when a step produces a
     NaN or infinite gradient, so the training loop can stop with the last good state intact.
     """
-    tx = optax.chain(
-        optax.clip_by_global_norm(clip_norm) if clip_norm > 0 else optax.identity(),
-        optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay),
-    )
+    inject = optax.inject_hyperparams(_clipped_adamw, static_args=("clip_norm", "b1", "b2", "eps"))
+    tx = inject(learning_rate=learning_rate, weight_decay=weight_decay, clip_norm=clip_norm, b1=b1, b2=b2, eps=eps)
     return optax.apply_if_finite(tx, max_consecutive_errors=1_000_000)

@@ -127,14 +127,15 @@ def make_train_step(pipeline: Pipeline, selection: params_lib.Selection, loss_cf
 
 @functools.lru_cache(maxsize=8)
 def compiled_train_step(pipeline: Pipeline, selection: params_lib.Selection, loss_cfg: losses.LossConfig,
-                        optimizer: tuple[float, float, float], seed: int, stop_sot_kv_grad: bool,
-                        mesh: jax.sharding.Mesh):
+                        clip_norm: float, seed: int, stop_sot_kv_grad: bool, mesh: jax.sharding.Mesh):
     """The jitted train step, shared by runs in one process that use the same pipeline object and settings.
 
-    The state is donated; the frozen base parameters are not (every step reads them).
+    The learning rate and weight decay are read from the train state (``params.optimizer``), so
+    runs that differ only in them share this step. The state is donated; the frozen base
+    parameters are not (every step reads them).
     """
-    lr, weight_decay, clip_norm = optimizer
-    tx = params_lib.optimizer(lr, weight_decay=weight_decay, clip_norm=clip_norm)
+    # Rate and decay here are placeholders: the step uses the values ``init`` put in the state.
+    tx = params_lib.optimizer(1.0, weight_decay=0.0, clip_norm=clip_norm)
     state_sharding, base_sharding = state_shardings(pipeline, selection, tx, mesh)
     return jax.jit(
         make_train_step(pipeline, selection, loss_cfg, tx, seed=seed, stop_sot_kv_grad=stop_sot_kv_grad),
@@ -227,8 +228,8 @@ def train(ctx: RunContext, *, progress: bool = True) -> dict[str, Any]:
         process_index=jax.process_index(), process_count=jax.process_count(),
     )
     t = config.train
-    step_fn = compiled_train_step(pipeline, selection, loss_cfg, (t.learning_rate, t.weight_decay, t.clip_norm),
-                                  config.seed, config.stop_sot_kv_grad, mesh)
+    step_fn = compiled_train_step(pipeline, selection, loss_cfg, t.clip_norm, config.seed, config.stop_sot_kv_grad,
+                                  mesh)
     writer = metric_writers.create_default_writer(
         os.fspath(ctx.workdir / "logs"), just_logging=jax.process_index() > 0 or not config.train.tensorboard)
     log.info("training %s (%s scalars) for %d steps, global batch %d on %d devices%s",
