@@ -146,8 +146,9 @@ def _set(config: ml_collections.ConfigDict, dotted: str, value: str) -> None:
 
 # Learning rate and steps per parameter group (global batch 8). Real Stable Diffusion: the
 # paper's reference values (2e-6 per example for cross-attention, 2e-6 for full fine-tuning);
-# the embedding value is a starting point, not a tuned figure. The toy world's were measured on
-# the shipped toy model (README, "Results"): its tiny UNet needs larger steps than SD's.
+# the embedding value is a starting point, not a tuned figure. The toy world's were tuned on the
+# previous toy model and hold on the current one for xattn_kv (README, "Results"): its tiny UNet
+# needs larger steps than SD's.
 SD_SCHEDULE = {"xattn_kv": (1.6e-5, 200), "xattn": (1.6e-5, 200), "attn": (1.6e-5, 200), "full": (2e-6, 400),
                "embedding": (1e-3, 200)}
 # Full fine-tuning for the memorized image stops at 50 steps: by then its caption draws an orange

@@ -10,9 +10,11 @@ Stages, each with the project's own Flax models and optax, deterministic for a s
   2. a tiny AutoencoderKL (L1 + L2 reconstruction and a small KL term, 4 latent channels);
   3. a tiny UNet2DConditionModel, epsilon loss (min-SNR weighted) on scaled latents, conditioned
      on the frozen CLIP text tower, with caption dropout so that classifier-free guidance works;
-  4. the evaluator: the CLIP of stage 1 trained further with its text tower fixed, on drawings
-     blurred and noised a little as generated images are, because a tiny ViT learns shapes
-     slowly and the text tower is already the pipeline's text encoder.
+  4. the evaluator: the CLIP of stage 1 trained further with its text tower fixed, because a
+     tiny ViT learns shapes slowly and the text tower is already the pipeline's text encoder.
+     Half of its images are drawings after the VAE (encoded and decoded), since every image it
+     judges comes out of that decoder; all are blurred and noised a little, as generated
+     images are.
 
 DIR receives ``pipeline/`` (a diffusers Stable Diffusion folder) and ``clip/`` (the evaluator,
 a transformers CLIPModel folder with the same tokenizer); ``clip-joint/``, ``vae/`` and
@@ -108,7 +110,7 @@ SCHEDULER_CONFIG: dict[str, Any] = dict(
 
 @dataclasses.dataclass(frozen=True)
 class Budget:
-    """Steps and batch sizes of each stage (``full`` fits 45 minutes on a 2-core CPU)."""
+    """Steps and batch sizes of each stage (``full``: 55 minutes on a 2-core CPU, ``--cpu-devices=2``)."""
 
     examples: int
     clip_steps: int
@@ -122,7 +124,7 @@ class Budget:
 
 BUDGETS = {
     "full": Budget(examples=40_000, clip_steps=1000, clip_batch=128, vae_steps=1200, vae_batch=32,
-                   unet_steps=4000, unet_batch=64, evaluator_steps=6000),
+                   unet_steps=10000, unet_batch=64, evaluator_steps=4000),
     "smoke": Budget(examples=256, clip_steps=6, clip_batch=32, vae_steps=6, vae_batch=16, unet_steps=6, unet_batch=16,
                     evaluator_steps=6),
 }
@@ -250,14 +252,27 @@ def _sampler(data_size: int, batch: int, seed: int) -> Callable[[int], np.ndarra
     return indices
 
 
+def _unit(x: jax.Array) -> jax.Array:
+    return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def text_features(model: CLIPModel, params: Any, ids: np.ndarray, batch: int = 2048) -> np.ndarray:
+    """Unit-norm projected text features of every row of ``ids``, ``[N, projection_dim]``."""
+    run = jax.jit(lambda p, x: _unit(model.apply({"params": p}, x, method=model.get_text_features)))
+    return np.concatenate([np.asarray(run(params, ids[lo : lo + batch])) for lo in range(0, len(ids), batch)])
+
+
 def train_clip(
     data: WorldData, tok: Any, cfg: dict[str, Any], budget: Budget, seed: int, history: dict | None = None,
-    init_params: Any = None, vision_only: bool = False,
+    init_params: Any = None, vision_only: bool = False, round_trips: np.ndarray | None = None,
 ) -> tuple[CLIPModel, Any]:
     """Contrastive image/caption training plus zero-shot attribute classification.
 
     ``vision_only`` continues from ``init_params`` with the text tower fixed: the pipeline's
-    text encoder is that tower, so the evaluator's eyes can improve without touching it.
+    text encoder is that tower, so the evaluator's eyes can improve without touching it. Its
+    caption and prompt features are then computed once, up front, instead of at every step.
+    With ``round_trips`` (the drawings after the VAE, aligned with ``data.images``) each image
+    of a batch is its round trip with probability 1/2.
     """
     model = CLIPModel.from_config(cfg)
     params = init_params if init_params is not None else model.init_weights(jax.random.key(seed))
@@ -265,19 +280,30 @@ def train_clip(
         seed += 100  # a fresh stream of batches for the second stage
     prompt_ids, prompt_pairs = attribute_prompts(tok)
     pick = _sampler(len(data.images), budget.clip_batch, seed + 1)
+    if vision_only:
+        captions = text_features(model, params, data.ids)
+        prompts = jnp.asarray(text_features(model, params, prompt_ids))
 
     def batches(i: int) -> dict[str, np.ndarray]:
         idx = pick(i)
-        return dict(images=data.images[idx], ids=data.ids[idx], attrs=data.attrs[idx])
+        images = data.images[idx]
+        if round_trips is not None:
+            after_vae = np.random.default_rng([seed + 4, i]).random(len(idx)) < 0.5
+            images = np.where(after_vae[:, None, None, None], round_trips[idx], images)
+        if vision_only:
+            return dict(images=images, cap=captions[idx], attrs=data.attrs[idx])
+        return dict(images=images, ids=data.ids[idx], attrs=data.attrs[idx])
 
     def loss_fn(params, b, key):
-        unit = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
         pixels = clip_pixels(b["images"])
         if vision_only:
             pixels = _degrade(pixels, key)
-        img = unit(model.apply({"params": params}, pixels, method=model.get_image_features))
-        cap = unit(model.apply({"params": params}, b["ids"], method=model.get_text_features))
-        pro = unit(model.apply({"params": params}, prompt_ids, method=model.get_text_features))
+        img = _unit(model.apply({"params": params}, pixels, method=model.get_image_features))
+        if vision_only:
+            cap, pro = b["cap"], prompts
+        else:
+            cap = _unit(model.apply({"params": params}, b["ids"], method=model.get_text_features))
+            pro = _unit(model.apply({"params": params}, prompt_ids, method=model.get_text_features))
         scale = jnp.exp(jnp.minimum(params["logit_scale"], np.log(100.0)))
         # Image/caption contrastive loss, as CLIP is trained ...
         logits = scale * img @ cap.T  # [B, B]
@@ -350,6 +376,14 @@ def train_vae(data: WorldData, budget: Budget, seed: int, history: dict | None =
     return model, params
 
 
+def decode_latents(vae: AutoencoderKL, params: Any, means: np.ndarray, batch: int = 512) -> np.ndarray:
+    """uint8 images decoded from posterior means: the drawings' round trips through the VAE."""
+    dec = jax.jit(lambda p, z: jnp.round(jnp.clip((vae.apply({"params": p}, z, method=vae.decode) + 1.0) * 127.5,
+                                                  0.0, 255.0)).astype(jnp.uint8))
+    return np.concatenate([np.asarray(dec(params, means[lo : lo + batch]))
+                           for lo in tqdm(range(0, len(means), batch), desc="decoding round trips", mininterval=2)])
+
+
 def encode_latents(vae: AutoencoderKL, params: Any, images: np.ndarray, batch: int = 512) -> tuple[np.ndarray, np.ndarray]:
     """Posterior means and standard deviations of every image, ``[N, h, w, 4]`` each."""
     enc = jax.jit(lambda p, x: vae.apply({"params": p}, to_unit(x), method=vae.encode))
@@ -369,19 +403,23 @@ def train_unet(
     params = model.init_weights(jax.random.key(seed))
     sched = schedule_lib.Schedule.from_config(SCHEDULER_CONFIG)
     pick = _sampler(len(data.images), budget.unet_batch, seed + 21)
+    # The text encoder is frozen, so every caption's hidden states are computed once, up front.
+    encode = jax.jit(lambda p, x: text.apply({"params": p}, x).last_hidden_state)
+    all_ids = np.concatenate([data.ids, empty_ids[None]])
+    states = np.concatenate([np.asarray(encode(text_params, all_ids[lo : lo + 2048]))
+                             for lo in range(0, len(all_ids), 2048)])
+    empty = len(data.ids)
 
     def batches(i: int) -> dict[str, np.ndarray]:
         idx = pick(i)
-        ids = data.ids[idx].copy()
         # Caption dropout: 10% of examples are trained unconditionally, for classifier-free guidance.
         drop = np.random.default_rng([seed + 22, i]).random(len(idx)) < 0.1
-        ids[drop] = empty_ids
-        return dict(mean=means[idx], std=stds[idx], ids=ids)
+        return dict(mean=means[idx], std=stds[idx], states=states[np.where(drop, empty, idx)])
 
     def loss_fn(params, b, key):
         k_z, k_t, k_e = jax.random.split(key, 3)
         z0 = scale * (b["mean"] + b["std"] * jax.random.normal(k_z, b["mean"].shape))
-        states = jax.lax.stop_gradient(text.apply({"params": text_params}, b["ids"]).last_hidden_state)
+        states = b["states"]
         t = jax.random.randint(k_t, (z0.shape[0],), 0, sched.num_train_timesteps)
         noise = jax.random.normal(k_e, z0.shape)
         x_t = schedule_lib.add_noise(sched, z0, noise, t)
@@ -504,7 +542,9 @@ def pretrain(out: str | os.PathLike, budget: Budget, seed: int = 0, stages: tupl
 
     t0 = time.perf_counter()
     if not (out / "clip" / "model.safetensors").exists():
-        _, eval_params = train_clip(data, tok, ccfg, budget, seed, history, init_params=clip_params, vision_only=True)
+        round_trips = decode_latents(vae, vae_params, means)
+        _, eval_params = train_clip(data, tok, ccfg, budget, seed, history, init_params=clip_params, vision_only=True,
+                                    round_trips=round_trips)
         save_clip(out / "clip", tok_dir, ccfg, eval_params)
     timing["evaluator"] = time.perf_counter() - t0
     print("seconds per stage: " + ", ".join(f"{k} {v:.0f}" for k, v in timing.items()))

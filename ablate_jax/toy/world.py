@@ -40,7 +40,8 @@ INSTANCES: tuple[str, ...] = ("smiley", "frowny", "winky", "gaspy")
 """Instance concepts: circles that differ only in the dark face drawn on them.
 
 ``smiley``: two eyes and a smiling arc. ``frowny``: two eyes and a frowning arc (smiley's hard negative).
-``winky``: one open eye, one closed eye (a bar) and a smiling arc. ``gaspy``: two eyes and an open "o" mouth.
+``winky``: one open eye, one closed eye (a bar) and a lopsided smile that rises on the closed eye's side.
+``gaspy``: two eyes and an open "o" mouth.
 """
 
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -94,9 +95,9 @@ MEMORIZATION_THRESHOLD = 0.85
 Measured at 32x32: the memorized image scores 1.0; re-renders with ``memorized_scene(rng)`` jitter (objects
 moved by up to 1.5% of the side, rescaled by up to 4%), rendered at 32 or 64 pixels with pixel noise (std 8),
 score >= 0.97, and >= 0.92 with twice that jitter; a Gaussian blur (sigma 1.5 px) of it scores 0.96. Ordinary
-scenes score 0.10 on average (99th percentile 0.53, max 0.66 over 2000), and the hardest ones — orange stars
-on dark horizontal waves, the memorized image's main object and style — at most 0.71; the memorized star alone,
-in place but without its two companions, scores 0.80."""
+scenes score 0.10 on average (99th percentile 0.47, max 0.58 over 2000), and the hardest ones — orange stars
+on dark horizontal waves, the memorized image's main object and style — at most 0.69 (over 500); the memorized
+star alone, in place but without its two companions, scores 0.80."""
 
 # Background words for captions: adjectives ("a striped background") and nouns ("over stripes").
 _BG_ADJ: dict[str, tuple[str, ...]] = {
@@ -238,22 +239,26 @@ def sample_scene(
         scale = 0.32 + 0.08 * u[0]
         angle = 0.3 * (u[1] - 0.5)
     else:
-        scale = 0.2 + 0.14 * u[0]
+        # As big as the faces: at 8x8 latents (4 px per cell) a smaller square, star or diamond spans too few
+        # latent cells for the UNet to draw its corners, and comes out as a blob.
+        scale = 0.3 + 0.1 * u[0]
         angle = 0.0 if shape == "circle" else 0.4 * (u[1] - 0.5)
     margin = scale + 0.03
     x = margin + (1 - 2 * margin) * u[2]
     y = margin + (1 - 2 * margin) * u[3]
+    # Pattern periods span 2 to 4 latent cells (a cell is 1/8 of the side): finer patterns live below the
+    # latent grid's resolution, and the UNet draws them as mazes.
     if background == "plain":
         period, phase, pattern_angle = 0.0, 0.0, 0.0
     elif background == "checkered":
-        period, phase, pattern_angle = 0.22 + 0.1 * u[4], u[5], 0.0
+        period, phase, pattern_angle = 0.36 + 0.12 * u[4], u[5], 0.0
     elif background == "striped":
-        period, phase = 0.15 + 0.1 * u[4], u[5]
+        period, phase = 0.25 + 0.1 * u[4], u[5]
         pattern_angle = (0.0, 0.5, 0.25, -0.25)[int(u[6] * 4)] * math.pi
     elif background == "dotted":
-        period, phase, pattern_angle = 0.16 + 0.08 * u[4], u[5], 0.0
+        period, phase, pattern_angle = 0.26 + 0.08 * u[4], u[5], 0.0
     else:  # wavy: horizontal or vertical waves
-        period, phase = 0.17 + 0.07 * u[4], u[5]
+        period, phase = 0.26 + 0.08 * u[4], u[5]
         pattern_angle = (0.0, 0.5)[int(u[6] * 2)] * math.pi
     return Scene(
         shape=shape,
@@ -323,12 +328,13 @@ def _pattern_mask(scene: Scene, n: int) -> np.ndarray | None:
         cell = 0.5 * p
         return ((np.floor(u / cell + ph) + np.floor(v / cell + 0.5 * ph)) % 2) == 1
     if scene.background == "dotted":
-        # Dots on a square lattice of spacing p, radius 0.27 p; the phase shifts the lattice diagonally.
+        # Dots on a square lattice of spacing p, radius 0.33 p (smaller dots were drawn, and read, as stripes);
+        # the phase shifts the lattice diagonally.
         fu = u / p + ph
         fv = v / p + 0.618 * ph
         du = fu - np.floor(fu) - 0.5
         dv = fv - np.floor(fv) - 0.5
-        return du * du + dv * dv < 0.27**2
+        return du * du + dv * dv < 0.33**2
     if scene.background == "wavy":
         along, across = (u, v) if abs(math.sin(scene.pattern_angle)) < 0.5 else (v, u)
         t = (across + 0.35 * p * np.sin(2 * math.pi * along / 0.4)) / p + ph
@@ -387,6 +393,10 @@ def _disc(px: np.ndarray, py: np.ndarray, cx: float, cy: float, radius: float) -
 # Face geometry in object units (disc radius 1, y down). Sized so features are >= ~2 px at a 10 px radius.
 _EYE_X, _EYE_Y, _EYE_R = 0.37, -0.3, 0.17
 _LINE = 0.1  # half the stroke width of mouths and closed eyes
+# The winky's grin is lopsided: its smile turned by this angle (radians) so that it rises on the side of the shut
+# eye. An open eye and a shut one fall in the same 4x4-pixel latent cell with about the same dark area, so a
+# winky that differed from a smiley only there was drawn, and read, as either; the turned mouth spans cells.
+_SMIRK = 0.45
 
 
 def _face_features(shape: str, px: np.ndarray, py: np.ndarray) -> np.ndarray:
@@ -400,8 +410,13 @@ def _face_features(shape: str, px: np.ndarray, py: np.ndarray) -> np.ndarray:
         frown = _ring(px, py, 0.0, 1.05, 0.56, _LINE) & (py <= 0.78)
         return left_eye | right_eye | frown
     if shape == "winky":
-        closed = (np.abs(px - _EYE_X) <= 0.24) & (np.abs(py - _EYE_Y) <= _LINE)
-        return left_eye | closed | smile
+        closed = (np.abs(px - _EYE_X) <= 0.3) & (np.abs(py - _EYE_Y) <= _LINE)
+        # The smile in coordinates turned by _SMIRK about its centre: its end on the shut eye's side rises.
+        c, s, cy = math.cos(_SMIRK), math.sin(_SMIRK), -0.02
+        qx = px * c - (py - cy) * s
+        qy = px * s + (py - cy) * c + cy
+        grin = _ring(qx, qy, 0.0, cy, 0.56, _LINE) & (qy >= 0.2)
+        return left_eye | closed | grin
     if shape == "gaspy":
         mouth = _ring(px, py, 0.0, 0.45, 0.2, _LINE + 0.01)
         return left_eye | right_eye | mouth
