@@ -101,12 +101,16 @@ def test_default_config_keeps_its_preserved_siblings_and_the_held_out_one(defaul
     assert abs(gaspy["clip_accuracy"]["ablated"] - gaspy["clip_accuracy"]["base"]) <= 0.05 + 1e-9
 
 
-def test_default_config_keeps_the_anchor_and_held_out_neighbours(default_run):
+def test_default_config_keeps_the_anchor_and_every_other_neighbour(default_run):
     _, report = default_run
-    for name, s in report["sets"].items():
-        if s["role"] in ("surrounding", "anchor"):
-            acc = s["clip_accuracy"]
-            assert abs(acc["ablated"] - acc["base"]) <= 0.05 + 1e-9, (name, acc)
+    # Beyond the face siblings (the test above; gaspy may move by one image in 20), the anchor and
+    # every other surrounding set stay within 0.02 of the base model.
+    others = {n: s for n, s in report["sets"].items() if s["role"] in ("surrounding", "anchor") and n != "gaspy"}
+    assert sorted(others) == ["circle", "square", "star"]
+    for name, s in others.items():
+        acc = s["clip_accuracy"]
+        assert acc["base"] >= 0.85, (name, acc)  # a set the base model draws, so a change would show
+        assert abs(acc["ablated"] - acc["base"]) <= 0.02 + 1e-9, (name, acc)
 
 
 def test_rerun_of_a_finished_run_skips_anchors_and_training(default_run, toy_pipe):
