@@ -235,11 +235,13 @@ def concept_from_config(config: ml_collections.ConfigDict) -> concepts.Concept:
 
 def _relabel(sets: tuple[concepts.EvalSet, ...], preserve: tuple[str, ...]) -> tuple[concepts.EvalSet, ...]:
     """Marks a neighbour's set ``preserved`` when training keeps it and ``surrounding`` (held out) when not,
-    so a figure the preservation term was trained on is never read as generalization."""
+    so a figure the preservation term was trained on is never read as generalization. A set matches by its
+    concept ("frowny") or its name: a style's set is named "dotted" and judged as "dotted background"."""
     out = []
     for s in sets:
         if s.role in ("preserved", "surrounding"):
-            s = dataclasses.replace(s, role="preserved" if s.concept in preserve else "surrounding")
+            kept = s.concept in preserve or s.name in preserve
+            s = dataclasses.replace(s, role="preserved" if kept else "surrounding")
         out.append(s)
     return tuple(out)
 

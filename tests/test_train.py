@@ -241,6 +241,10 @@ def test_preserve_concepts_come_from_the_preset_and_relabel_the_report_sets():
     assert roles(one)["winky"] == "surrounding" and roles(one)["gaspy"] == "surrounding"
     other = concept_from_config(xattn.get_config("preserve.concepts=gaspy"))
     assert roles(other)["frowny"] == "surrounding" and roles(other)["gaspy"] == "preserved"
+    # Style sets are judged as "dotted background" but named, and preserved, as "dotted".
+    style = concept_from_config(xattn.get_config("concept=toy_striped,preserve.concepts=dotted;wavy"))
+    assert style.preserve == ("dotted", "wavy")
+    assert roles(style)["dotted"] == roles(style)["wavy"] == "preserved" and roles(style)["checkered"] == "surrounding"
 
 
 def test_pickled_model_is_refused(tmp_path):
