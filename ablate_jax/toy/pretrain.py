@@ -175,6 +175,21 @@ def to_unit(images: jax.Array) -> jax.Array:
     return images.astype(jnp.float32) / 127.5 - 1.0
 
 
+def from_unit(x: jax.Array) -> jax.Array:
+    """float in [-1, 1] (a decoder's output) -> uint8, clipped and rounded; the inverse of ``to_unit``."""
+    return jnp.round(jnp.clip((x + 1.0) * 127.5, 0.0, 255.0)).astype(jnp.uint8)
+
+
+def _map_batches(fn: Callable[[np.ndarray], Any], x: np.ndarray, batch: int, desc: str | None = None) -> Any:
+    """``fn`` over ``x`` in chunks of ``batch`` rows, outputs as NumPy arrays concatenated along the first
+    axis (a tuple of outputs stays a tuple); with ``desc``, a progress bar."""
+    starts = range(0, len(x), batch)
+    if desc is not None:
+        starts = tqdm(starts, desc=desc, mininterval=2)
+    outs = [jax.tree.map(np.asarray, fn(x[lo : lo + batch])) for lo in starts]
+    return jax.tree.map(lambda *chunks: np.concatenate(chunks), *outs)
+
+
 def clip_pixels(images: jax.Array) -> jax.Array:
     x = images.astype(jnp.float32) / 255.0
     return (x - jnp.asarray(CLIP_MEAN)) / jnp.asarray(CLIP_STD)
@@ -259,7 +274,7 @@ def _unit(x: jax.Array) -> jax.Array:
 def text_features(model: CLIPModel, params: Any, ids: np.ndarray, batch: int = 2048) -> np.ndarray:
     """Unit-norm projected text features of every row of ``ids``, ``[N, projection_dim]``."""
     run = jax.jit(lambda p, x: _unit(model.apply({"params": p}, x, method=model.get_text_features)))
-    return np.concatenate([np.asarray(run(params, ids[lo : lo + batch])) for lo in range(0, len(ids), batch)])
+    return _map_batches(lambda x: run(params, x), ids, batch)
 
 
 def train_clip(
@@ -378,21 +393,19 @@ def train_vae(data: WorldData, budget: Budget, seed: int, history: dict | None =
 
 def decode_latents(vae: AutoencoderKL, params: Any, means: np.ndarray, batch: int = 512) -> np.ndarray:
     """uint8 images decoded from posterior means: the drawings' round trips through the VAE."""
-    dec = jax.jit(lambda p, z: jnp.round(jnp.clip((vae.apply({"params": p}, z, method=vae.decode) + 1.0) * 127.5,
-                                                  0.0, 255.0)).astype(jnp.uint8))
-    return np.concatenate([np.asarray(dec(params, means[lo : lo + batch]))
-                           for lo in tqdm(range(0, len(means), batch), desc="decoding round trips", mininterval=2)])
+    dec = jax.jit(lambda p, z: from_unit(vae.apply({"params": p}, z, method=vae.decode)))
+    return _map_batches(lambda z: dec(params, z), means, batch, "decoding round trips")
 
 
 def encode_latents(vae: AutoencoderKL, params: Any, images: np.ndarray, batch: int = 512) -> tuple[np.ndarray, np.ndarray]:
     """Posterior means and standard deviations of every image, ``[N, h, w, 4]`` each."""
     enc = jax.jit(lambda p, x: vae.apply({"params": p}, to_unit(x), method=vae.encode))
-    means, stds = [], []
-    for lo in tqdm(range(0, len(images), batch), desc="encoding latents", mininterval=2):
-        m, lv = enc(params, images[lo : lo + batch])
-        means.append(np.asarray(m))
-        stds.append(np.asarray(jnp.exp(0.5 * lv)))
-    return np.concatenate(means), np.concatenate(stds)
+
+    def mean_std(x: np.ndarray) -> tuple[jax.Array, jax.Array]:
+        m, lv = enc(params, x)
+        return m, jnp.exp(0.5 * lv)
+
+    return _map_batches(mean_std, images, batch, "encoding latents")
 
 
 def train_unet(
@@ -405,9 +418,7 @@ def train_unet(
     pick = _sampler(len(data.images), budget.unet_batch, seed + 21)
     # The text encoder is frozen, so every caption's hidden states are computed once, up front.
     encode = jax.jit(lambda p, x: text.apply({"params": p}, x).last_hidden_state)
-    all_ids = np.concatenate([data.ids, empty_ids[None]])
-    states = np.concatenate([np.asarray(encode(text_params, all_ids[lo : lo + 2048]))
-                             for lo in range(0, len(all_ids), 2048)])
+    states = _map_batches(lambda x: encode(text_params, x), np.concatenate([data.ids, empty_ids[None]]), 2048)
     empty = len(data.ids)
 
     def batches(i: int) -> dict[str, np.ndarray]:

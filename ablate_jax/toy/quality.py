@@ -23,14 +23,13 @@ import collections
 import dataclasses
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
 from ablate_jax import evaluate
 from ablate_jax.models import CLIP, Pipeline, load_clip, load_pipeline
 from ablate_jax.sampling import SamplingConfig, generate
-from ablate_jax.toy import world
+from ablate_jax.toy import pretrain, world
 
 ATTRIBUTES = ("shape", "colour", "background")
 SAMPLING = SamplingConfig(sampler="dpmpp_2m", num_steps=25, guidance_scale=6.0)
@@ -93,9 +92,8 @@ def round_trip(pipe: Pipeline, images: np.ndarray, batch: int = 200) -> np.ndarr
 
     @jax.jit
     def run(params, x):
-        mean, _ = vae.apply({"params": params}, x.astype(jnp.float32) / 127.5 - 1.0, method=vae.encode)
-        out = vae.apply({"params": params}, mean, method=vae.decode)
-        return jnp.round(jnp.clip((out + 1.0) * 127.5, 0.0, 255.0)).astype(jnp.uint8)
+        mean, _ = vae.apply({"params": params}, pretrain.to_unit(x), method=vae.encode)
+        return pretrain.from_unit(vae.apply({"params": params}, mean, method=vae.decode))
 
     return np.concatenate([np.asarray(run(pipe.params["vae"], images[lo : lo + batch]))
                            for lo in range(0, len(images), batch)])

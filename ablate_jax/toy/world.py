@@ -397,26 +397,30 @@ _LINE = 0.1  # half the stroke width of mouths and closed eyes
 # eye. An open eye and a shut one fall in the same 4x4-pixel latent cell with about the same dark area, so a
 # winky that differed from a smiley only there was drawn, and read, as either; the turned mouth spans cells.
 _SMIRK = 0.45
+_SMILE_CY, _SMILE_R = -0.02, 0.56  # centre height and radius of the smiling arc's circle
+
+
+def _smile(px: np.ndarray, py: np.ndarray) -> np.ndarray:
+    """The smiling arc: the lower part of a ring about (0, _SMILE_CY)."""
+    return _ring(px, py, 0.0, _SMILE_CY, _SMILE_R, _LINE) & (py >= 0.2)
 
 
 def _face_features(shape: str, px: np.ndarray, py: np.ndarray) -> np.ndarray:
     """Mask of the dark features of an instance's face."""
     left_eye = _disc(px, py, -_EYE_X, _EYE_Y, _EYE_R)
     right_eye = _disc(px, py, _EYE_X, _EYE_Y, _EYE_R)
-    smile = _ring(px, py, 0.0, -0.02, 0.56, _LINE) & (py >= 0.2)
     if shape == "smiley":
-        return left_eye | right_eye | smile
+        return left_eye | right_eye | _smile(px, py)
     if shape == "frowny":
         frown = _ring(px, py, 0.0, 1.05, 0.56, _LINE) & (py <= 0.78)
         return left_eye | right_eye | frown
     if shape == "winky":
         closed = (np.abs(px - _EYE_X) <= 0.3) & (np.abs(py - _EYE_Y) <= _LINE)
         # The smile in coordinates turned by _SMIRK about its centre: its end on the shut eye's side rises.
-        c, s, cy = math.cos(_SMIRK), math.sin(_SMIRK), -0.02
-        qx = px * c - (py - cy) * s
-        qy = px * s + (py - cy) * c + cy
-        grin = _ring(qx, qy, 0.0, cy, 0.56, _LINE) & (qy >= 0.2)
-        return left_eye | closed | grin
+        c, s = math.cos(_SMIRK), math.sin(_SMIRK)
+        qx = px * c - (py - _SMILE_CY) * s
+        qy = px * s + (py - _SMILE_CY) * c + _SMILE_CY
+        return left_eye | closed | _smile(qx, qy)
     if shape == "gaspy":
         mouth = _ring(px, py, 0.0, 0.45, 0.2, _LINE + 0.01)
         return left_eye | right_eye | mouth
