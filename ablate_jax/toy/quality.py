@@ -1,6 +1,6 @@
 """How good the toy world's models are, measured with fixed seeds.
 
-    python -m ablate_jax.toy.quality [--model toy] [--guidance 6] [--grid out.png]
+    python -m ablate_jax.toy.quality [--model toy] [--guidance 6] [--denoise-from T ...] [--grid out.png]
 
 - evaluator: zero-shot accuracy of the toy CLIP, per attribute (shape including the face
   instances, colour, background), on freshly drawn images, with "A photo depicts {concept}";
@@ -10,7 +10,9 @@
   generations in which the evaluator agrees with the prompt, per attribute;
 - memorization: the fraction of samples whose ``world.memorization_similarity`` to the
   memorized image exceeds ``world.MEMORIZATION_THRESHOLD``, from the memorized caption and
-  from ordinary prompts.
+  from ordinary prompts;
+- (``--denoise-from T ...``) the base model finishing the held-out prompts' own drawings from
+  noise level T: where a model loses what its prompts name, by noise level.
 
 Each reading is also broken down by value (``Readings.by_value``), with the most frequent
 confusions, which is what says where a model falls short.
@@ -23,12 +25,14 @@ import collections
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from ablate_jax import evaluate
+from ablate_jax import evaluate, samplers
+from ablate_jax import schedule as schedule_lib
 from ablate_jax.models import CLIP, Pipeline, load_clip, load_pipeline
-from ablate_jax.sampling import SamplingConfig, generate
+from ablate_jax.sampling import SamplingConfig, generate, tokenize
 from ablate_jax.toy import pretrain, world
 
 ATTRIBUTES = ("shape", "colour", "background")
@@ -127,6 +131,58 @@ def base_model_readings(
     return Readings.of(clip, images, scenes)
 
 
+def denoising_readings(
+    pipe: Pipeline, clip: CLIP, start: int, n: int = 120, steps: int = 25, guidance: float = SAMPLING.guidance_scale,
+    seed: int = 0,
+) -> Readings:
+    """The evaluator's readings of the held-out prompts' own drawings, noised to timestep ``start`` and denoised.
+
+    Each drawing is encoded (posterior mean), noised to ``start`` with a fixed key, brought back to 0
+    by ``steps`` deterministic DDIM steps under guidance with its prompt, and decoded. A small
+    ``start`` asks the model to keep details the drawing already has; ``start`` near the end of the
+    schedule is close to drawing from noise. Comparing starts says at which noise levels a model
+    loses what its prompts name (the base model's agreement from pure noise is
+    ``base_model_readings``).
+    """
+    sched = schedule_lib.Schedule.from_config(pipe.scheduler_config)
+    if not 0 < start < sched.num_train_timesteps:
+        raise ValueError(f"start must be a timestep in [1, {sched.num_train_timesteps - 1}], got {start}")
+    if sched.prediction_type != "epsilon":
+        raise ValueError(f"denoising_readings handles epsilon-prediction models, not {sched.prediction_type!r}")
+    prompts, scenes = heldout_prompts(n)
+    drawings = np.stack([world.render(s) for s in scenes])
+    unet, vae, text = pipe.unet, pipe.vae, pipe.text_encoder
+    scale = pipe.vae_scaling_factor
+    # Evenly spaced from ``start`` down to 0, each step at least one timestep long.
+    grid = np.unique(np.linspace(start, 0, steps + 1).round().astype(np.int32))[::-1]
+    ac = np.asarray(sched.alphas_cumprod, np.float32)
+    a_next = np.where(grid[1:] > 0, ac[grid[1:]], 1.0)  # the last step lands on the clean prediction
+    tab = {k: jnp.asarray(v, jnp.float32) for k, v in dict(
+        sa=np.sqrt(ac[grid[:-1]]), sb=np.sqrt(1 - ac[grid[:-1]]), sa_next=np.sqrt(a_next), sb_next=np.sqrt(1 - a_next),
+    ).items()}
+    ts = jnp.asarray(grid[:-1])
+
+    @jax.jit
+    def run(params, ids, uncond_ids, x, key):
+        z0 = scale * vae.apply({"params": params["vae"]}, pretrain.to_unit(x), method=vae.encode)[0]
+        z = schedule_lib.add_noise(sched, z0, jax.random.normal(key, z0.shape), jnp.full((x.shape[0],), start))
+        states = text.apply({"params": params["text_encoder"]}, ids).last_hidden_state
+        uncond = text.apply({"params": params["text_encoder"]}, uncond_ids).last_hidden_state
+        eps_fn = samplers.guided_model_fn(
+            lambda a, t, c: unet.apply({"params": params["unet"]}, a, t, c), states, uncond, guidance)
+
+        def step(i, z):
+            eps = eps_fn(z, jnp.full((z.shape[0],), ts[i]))
+            x0 = (z - tab["sb"][i] * eps) / tab["sa"][i]
+            return tab["sa_next"][i] * x0 + tab["sb_next"][i] * eps
+
+        z = jax.lax.fori_loop(0, len(grid) - 1, step, z)
+        return pretrain.from_unit(vae.apply({"params": params["vae"]}, z / scale, method=vae.decode))
+
+    images = np.asarray(run(pipe.params, tokenize(pipe, prompts), tokenize(pipe, [""]), drawings, jax.random.key(seed)))
+    return Readings.of(clip, images, scenes)
+
+
 def base_model_agreement(pipe: Pipeline, clip: CLIP, n: int = 120, seed: int = 0) -> dict[str, float]:
     """Fraction of generations whose evaluator reading matches the prompt, per attribute."""
     return base_model_readings(pipe, clip, n, seed).accuracy()
@@ -174,6 +230,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--model", default="toy", help="'toy' or a pretrain output folder (with pipeline/ and clip/)")
     ap.add_argument("--guidance", type=float, default=SAMPLING.guidance_scale,
                     help="classifier-free guidance of the base model's generations (the bar is measured at 6)")
+    ap.add_argument("--denoise-from", type=int, nargs="*", default=[], metavar="T",
+                    help="also read the held-out prompts' drawings noised to timestep T and denoised by the model")
     ap.add_argument("--grid", default=None, help="also write a sample grid PNG here (a row per prompt, 4x upscaled)")
     args = ap.parse_args(argv)
     if args.model == "toy":
@@ -189,6 +247,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{title}:", rounded(readings.accuracy()), flush=True)
         print(readings.summary(), flush=True)
     print("memorization rates:", rounded(memorization_rates(pipe)), flush=True)
+    for start in args.denoise_from:
+        readings = denoising_readings(pipe, clip, start, guidance=args.guidance)
+        print(f"denoised from timestep {start} (guidance {args.guidance:g}):", rounded(readings.accuracy()), flush=True)
+        print(readings.summary(), flush=True)
     if args.grid:
         grid = sample_grid(pipe)
         Image.fromarray(grid).resize((grid.shape[1] * 4, grid.shape[0] * 4), Image.NEAREST).save(args.grid)
