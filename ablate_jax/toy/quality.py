@@ -147,36 +147,32 @@ def denoising_readings(
     sched = schedule_lib.Schedule.from_config(pipe.scheduler_config)
     if not 0 < start < sched.num_train_timesteps:
         raise ValueError(f"start must be a timestep in [1, {sched.num_train_timesteps - 1}], got {start}")
-    if sched.prediction_type != "epsilon":
-        raise ValueError(f"denoising_readings handles epsilon-prediction models, not {sched.prediction_type!r}")
     prompts, scenes = heldout_prompts(n)
     drawings = np.stack([world.render(s) for s in scenes])
     unet, vae, text = pipe.unet, pipe.vae, pipe.text_encoder
     scale = pipe.vae_scaling_factor
     # Evenly spaced from ``start`` down to 0, each step at least one timestep long.
-    grid = np.unique(np.linspace(start, 0, steps + 1).round().astype(np.int32))[::-1]
-    ac = np.asarray(sched.alphas_cumprod, np.float32)
-    a_next = np.where(grid[1:] > 0, ac[grid[1:]], 1.0)  # the last step lands on the clean prediction
-    tab = {k: jnp.asarray(v, jnp.float32) for k, v in dict(
-        sa=np.sqrt(ac[grid[:-1]]), sb=np.sqrt(1 - ac[grid[:-1]]), sa_next=np.sqrt(a_next), sb_next=np.sqrt(1 - a_next),
-    ).items()}
-    ts = jnp.asarray(grid[:-1])
+    grid = jnp.asarray(np.unique(np.linspace(start, 0, steps + 1).round().astype(np.int32))[::-1])
 
     @jax.jit
     def run(params, ids, uncond_ids, x, key):
+        batch = lambda t: jnp.full((x.shape[0],), t)  # noqa: E731
         z0 = scale * vae.apply({"params": params["vae"]}, pretrain.to_unit(x), method=vae.encode)[0]
-        z = schedule_lib.add_noise(sched, z0, jax.random.normal(key, z0.shape), jnp.full((x.shape[0],), start))
+        z = schedule_lib.add_noise(sched, z0, jax.random.normal(key, z0.shape), batch(start))
         states = text.apply({"params": params["text_encoder"]}, ids).last_hidden_state
         uncond = text.apply({"params": params["text_encoder"]}, uncond_ids).last_hidden_state
-        eps_fn = samplers.guided_model_fn(
+        guided = samplers.guided_model_fn(
             lambda a, t, c: unet.apply({"params": params["unet"]}, a, t, c), states, uncond, guidance)
 
-        def step(i, z):
-            eps = eps_fn(z, jnp.full((z.shape[0],), ts[i]))
-            x0 = (z - tab["sb"][i] * eps) / tab["sa"][i]
-            return tab["sa_next"][i] * x0 + tab["sb_next"][i] * eps
+        def clean_and_noise(z, t):
+            out = guided(z, t)
+            return schedule_lib.predict_x0(sched, out, z, t), schedule_lib.predict_eps(sched, out, z, t)
 
-        z = jax.lax.fori_loop(0, len(grid) - 1, step, z)
+        def step(i, z):  # deterministic DDIM: the clean estimate, re-noised with the predicted noise
+            return schedule_lib.add_noise(sched, *clean_and_noise(z, batch(grid[i])), batch(grid[i + 1]))
+
+        z = jax.lax.fori_loop(0, len(grid) - 2, step, z)
+        z = clean_and_noise(z, batch(grid[-2]))[0]  # the last step lands on the clean estimate
         return pretrain.from_unit(vae.apply({"params": params["vae"]}, z / scale, method=vae.decode))
 
     images = np.asarray(run(pipe.params, tokenize(pipe, prompts), tokenize(pipe, [""]), drawings, jax.random.key(seed)))
