@@ -6,8 +6,8 @@ paraphrases themselves unchanged.
     python -m ablate_jax.train --config=configs/full.py
     python -m ablate_jax.train --config=configs/full.py:model=/data/stable-diffusion-v1-4,concept.target="..."
 
-On the previous toy model (50 steps at 1e-4): the memorized caption reproduces its image in 1.00 -> 0.00
-of samples and draws an orange star in all of them; the orange-star prompts stay at 0.95.
+On the toy world (50 steps at 1e-4): the memorized caption reproduces its image in 1.00 -> 0.00
+of samples and draws an orange star in all of them; the orange-star prompts stay at 1.00.
 """
 
 from ablate_jax.config import base_config, finalize

@@ -106,8 +106,6 @@ def test_evaluator_reads_every_attribute_of_fresh_drawings(shipped):
     assert min(accuracy.values()) >= 0.95, accuracy
 
 
-@pytest.mark.xfail(strict=True, reason="at guidance 6 the shipped base model draws the named background in 0.833 "
-                                       "of its images, 2 of 120 short of the bar (README, The toy world)")
 def test_base_model_draws_what_its_prompts_name(shipped):
     pipe, clip = shipped
     agreement = quality.base_model_agreement(pipe, clip, n=120)

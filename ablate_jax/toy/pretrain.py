@@ -100,6 +100,12 @@ def unet_config(cross_attention_dim: int) -> dict[str, Any]:
 
 
 MIN_SNR_GAMMA = 5.0
+# Share of UNet training examples whose caption is replaced by the empty one, so that the same
+# network also predicts unconditionally, as classifier-free guidance needs. Guidance 6 extrapolates
+# far along conditional minus unconditional; with 0.1 (Stable Diffusion's share) the base model drew
+# the named background in 0.833 of held-out prompts at guidance 6, with 0.2 in 0.867, the same
+# 10,000 steps (README, The toy world).
+CAPTION_DROPOUT = 0.2
 
 SCHEDULER_CONFIG: dict[str, Any] = dict(
     _class_name="DDIMScheduler", _diffusers_version=DIFFUSERS_VERSION, beta_start=0.00085, beta_end=0.012,
@@ -423,8 +429,7 @@ def train_unet(
 
     def batches(i: int) -> dict[str, np.ndarray]:
         idx = pick(i)
-        # Caption dropout: 10% of examples are trained unconditionally, for classifier-free guidance.
-        drop = np.random.default_rng([seed + 22, i]).random(len(idx)) < 0.1
+        drop = np.random.default_rng([seed + 22, i]).random(len(idx)) < CAPTION_DROPOUT
         return dict(mean=means[idx], std=stds[idx], states=states[np.where(drop, empty, idx)])
 
     def loss_fn(params, b, key):
