@@ -16,6 +16,7 @@ import ml_collections
 
 from ablate_jax import concepts, losses
 from ablate_jax.sampling import SamplingConfig
+from ablate_jax.toy import is_toy_world
 
 
 class ConfigError(ValueError):
@@ -164,7 +165,7 @@ TOY_PRESERVE_WEIGHT = {"model_based": 4.0, "noise_based": 1.0}
 
 def model_defaults(config: ml_collections.ConfigDict, model: str) -> None:
     """Sets learning rate, steps, anchor count and preservation for the toy world or a real model."""
-    toy = model == "toy"
+    toy = is_toy_world(model)
     lr, steps = (TOY_SCHEDULE if toy else SD_SCHEDULE).get(config.params, (config.train.learning_rate,
                                                                            config.train.steps))
     config.train.learning_rate, config.train.steps = lr, steps

@@ -37,6 +37,7 @@ from ablate_jax.config import concept_from_config, eval_sampling
 from ablate_jax.models.loading import CLIP, Pipeline, load_clip, load_pipeline
 from ablate_jax.report import before_after_grid, check_report, format_table, grid_filename, write_report
 from ablate_jax.sampling import SamplingConfig, generate
+from ablate_jax.toy import is_toy_world
 
 __all__ = [
     "EVAL_TEMPLATE", "EvalError", "check_report", "clip_accuracy", "clip_scores", "concept_text", "evaluate_run",
@@ -235,7 +236,7 @@ def _loo_max_cosine(x: np.ndarray, ref: np.ndarray) -> np.ndarray:
 
 def _memorization_detector(config: ml_collections.ConfigDict, clip: CLIP) -> tuple[str, float, Callable[..., np.ndarray]]:
     """(method, threshold, similarity(images, embeddings, base_embeddings) -> [N])."""
-    if config.model == "toy":
+    if is_toy_world(config.model):
         from ablate_jax.toy import world  # noqa: PLC0415
 
         return "toy_world", world.MEMORIZATION_THRESHOLD, lambda images, emb, base_emb: world.memorization_similarity(images)
@@ -299,7 +300,7 @@ def evaluate_run(
     # One compiled batch shape for every call, no larger than a set needs.
     batch = min(sharding.round_up(int(e.batch_size), n_dev), sharding.round_up(n, n_dev))
 
-    phrase = toy_phrase if e.clip == "toy" else (lambda c: c)
+    phrase = toy_phrase if is_toy_world(e.clip) else (lambda c: c)
     target0 = concept.targets[0]
     wanted = list(dict.fromkeys([concept.anchor, target0, *(s.concept for s in sets)]))
     text = dict(zip(wanted, text_embeddings(clip, [concept_text(phrase(c)) for c in wanted]), strict=True))

@@ -52,6 +52,7 @@ from ablate_jax import distributed, sampling, sharding, storage
 from ablate_jax.concepts import Concept, ConceptError
 from ablate_jax.config import ANCHOR_KEYS, ConfigError, anchor_sampling, concept_from_config, fingerprint
 from ablate_jax.models.loading import CLIP, ModelLoadError, Pipeline, load_clip, load_pipeline
+from ablate_jax.toy import is_toy_world
 
 __all__ = [
     "AnchorError", "AnchorSource", "MemorizationMeasure", "anchors_dir", "clip_measure", "generate_anchors",
@@ -154,7 +155,7 @@ def _identity(config: ml_collections.ConfigDict, concept: Concept) -> dict[str, 
 
 
 def _measure_spec(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    if config.model == "toy":
+    if is_toy_world(config.model):
         from ablate_jax.toy import world  # noqa: PLC0415
 
         return {"measure": "toy", "threshold": world.MEMORIZATION_THRESHOLD}
@@ -289,7 +290,7 @@ class MemorizationMeasure:
 def memorization_measure(config: ml_collections.ConfigDict, concept: Concept, pipeline: Pipeline,
                          mesh: jax.sharding.Mesh | None = None) -> MemorizationMeasure:
     """The toy world's own measure for the toy model; CLIP image cosine (:func:`clip_measure`) otherwise."""
-    if config.model == "toy":
+    if is_toy_world(config.model):
         from ablate_jax.toy import world  # noqa: PLC0415
 
         return MemorizationMeasure("toy", world.MEMORIZATION_THRESHOLD, world.memorization_similarity)

@@ -20,6 +20,8 @@ def test_pretraining_smoke_run_lowers_every_loss(tmp_path):
     pipe = load_pipeline(tmp_path / "pipeline")
     clip = load_clip(tmp_path / "clip")
     assert pipe.sample_size == pretrain.LATENT_SIZE and clip.image_size == pretrain.IMAGE_SIZE
+    # Both folders are marked, so that model=DIR/pipeline runs with the toy world's settings.
+    assert toy.is_toy_world(str(tmp_path / "pipeline")) and toy.is_toy_world(str(tmp_path / "clip"))
     # The evaluator's text tower is the pipeline's text encoder; only its vision side trained on.
     joint = load_clip(tmp_path / "clip-joint")
     same = lambda a, b: all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))  # noqa: E731

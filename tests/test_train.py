@@ -226,6 +226,23 @@ def test_the_loss_picks_the_toy_preservation_weight_and_an_explicit_weight_wins(
         xattn.get_config("loss=kl")
 
 
+def test_a_toy_world_folder_gets_the_toy_settings_and_any_other_folder_sd_ones(tmp_path):
+    from ablate_jax import toy
+
+    marked, plain = tmp_path / "retrained_toy", tmp_path / "other"
+    marked.mkdir(), plain.mkdir()
+    toy.write_marker(marked)
+    assert toy.is_toy_world(str(toy.shipped_path("pipeline"))) and toy.is_toy_world(str(toy.shipped_path("clip")))
+    shipped, retrained = xattn.get_config(), xattn.get_config(f"model={marked}")
+    other = xattn.get_config(f"model={plain}")
+    for key in ("train.learning_rate", "train.steps", "anchors.num_images", "preserve.weight"):
+        section, field = key.split(".")
+        assert retrained[section][field] == shipped[section][field], key
+    assert (other.train.learning_rate, other.train.steps, other.anchors.num_images, other.preserve.weight) == (
+        1.6e-5, 200, 1000, 0.0)
+    assert not toy.is_toy_world("gs://bucket/model") and not toy.is_toy_world("CompVis/stable-diffusion-v1-4")
+
+
 def test_preserve_concepts_come_from_the_preset_and_relabel_the_report_sets():
     from ablate_jax.config import concept_from_config  # noqa: PLC0415
 

@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 
 from ablate_jax import distributed, sharding
 from ablate_jax import schedule as schedule_lib
+from ablate_jax import toy as toy_package
 from ablate_jax.models.clip import CLIPModel, CLIPTextModel
 from ablate_jax.models.loading import save_component
 from ablate_jax.models.unet import UNet2DConditionModel
@@ -471,6 +472,7 @@ def save_pipeline(out: Path, tok_dir: Path, unet_cfg, unet_params, vae_cfg, vae_
     (out / "scheduler").mkdir(exist_ok=True)
     (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER_CONFIG, indent=2) + "\n")
     _copy_tokenizer(tok_dir, out / "tokenizer")
+    toy_package.write_marker(out)
 
 
 def _copy_tokenizer(src: Path, dst: Path) -> None:
@@ -487,6 +489,7 @@ def save_clip(out: Path, tok_dir: Path, cfg: dict[str, Any], params: Any) -> Non
                image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD), do_rescale=True, rescale_factor=1 / 255,
                resample=3)
     (out / "preprocessor_config.json").write_text(json.dumps(pre, indent=2) + "\n")
+    toy_package.write_marker(out)
 
 
 # ------------------------------------------------------------------------------------------------ main
