@@ -238,10 +238,13 @@ def _toy_style() -> Concept:
         EvalSet("striped", "target", "striped background", prompts("striped", 20, 8001)),
         EvalSet("plain", "anchor", "plain background", prompts("plain", 20, 8002)),
         EvalSet("dotted", "preserved", "dotted background", prompts("dotted", 20, 8003)),
-        EvalSet("checkered", "surrounding", "checkered background", prompts("checkered", 20, 8004)),
-        EvalSet("wavy", "surrounding", "wavy background", prompts("wavy", 20, 8005)),
+        EvalSet("checkered", "preserved", "checkered background", prompts("checkered", 20, 8004)),
+        EvalSet("wavy", "preserved", "wavy background", prompts("wavy", 20, 8005)),
     )
-    return Concept("style", ("striped",), "plain", prompts("plain", 200, 2), ("dotted",), sets,
+    # Every other style of the world is preserved. With the dotted style alone preserved, the other
+    # patterns drifted towards plain along with the stripes (dotted 1.00 -> 0.70 at 600 steps), and
+    # each style added to the term held more of the rest (README, Results).
+    return Concept("style", ("striped",), "plain", prompts("plain", 200, 2), ("dotted", "wavy", "checkered"), sets,
                    style_templates=("{pt}",))
 
 
