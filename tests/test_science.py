@@ -2,8 +2,7 @@
 
 Each fixture runs a whole job (anchors, training, evaluation) with the config's defaults; the
 tests check the criteria its kind of concept is judged by. The default config's run is in
-test_train.py and runs with ``make test``. Criteria the shipped toy model does not meet yet are
-strict xfails, so they turn into failures the day they start to hold.
+test_train.py and runs with ``make test``.
 """
 
 import sys
