@@ -93,8 +93,10 @@ def test_default_config_keeps_its_preserved_siblings_and_the_held_out_one(defaul
     preserved = sorted(n for n, s in sets.items() if s["role"] == "preserved")
     assert preserved == ["frowny", "winky"]
     for name in preserved:
+        # Kept: not one of the 20 images lost. The base model misdraws a sibling now and then, and
+        # the ablated model drawing it right is not a loss.
         acc = sets[name]["clip_accuracy"]
-        assert abs(acc["ablated"] - acc["base"]) <= 0.02 + 1e-9, (name, acc)
+        assert acc["ablated"] >= acc["base"] - 1e-9, (name, acc)
     # gaspy, the face sibling never named in training.
     gaspy = sets["gaspy"]
     assert gaspy["role"] == "surrounding" and gaspy["clip_accuracy"]["base"] >= 0.85
