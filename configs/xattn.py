@@ -9,8 +9,8 @@ of the target stops steering the image towards it, while the rest of the model i
     python -m ablate_jax.train --config=configs/xattn.py:loss=noise_based
 
 On the toy world the default removes the smiley (CLIP accuracy 1.00 -> 0.00, and its description
-without the name 1.00 -> 0.00) and keeps its preserved and held-out face siblings, the anchor,
-stars and squares (1.00 -> 1.00).
+without the name 1.00 -> 0.00) and keeps every image of its preserved and held-out face
+siblings, the anchor, stars and squares.
 
 The arg string takes ``concept=PRESET``, ``model=PATH`` and any other ``key=value`` of the
 config; ``--config.train.steps=100`` style flags work as well. Results on the toy world are in
