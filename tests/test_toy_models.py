@@ -1,5 +1,10 @@
 """The toy world's models: a pretraining smoke run, and the shipped weights in JAX and in PyTorch."""
 
+import multiprocessing
+import os
+import signal
+import time
+
 import jax
 import numpy as np
 import pytest
@@ -10,7 +15,7 @@ from ablate_jax.models import load_clip, load_pipeline
 from ablate_jax.toy import pretrain, quality, world
 
 
-@pytest.mark.slow  # 2.5 minutes, nearly all of it compiling four training programs
+@pytest.mark.slow  # 2 minutes, nearly all of it compiling four training programs, twice
 def test_pretraining_smoke_run_lowers_every_loss(tmp_path):
     result = pretrain.pretrain(tmp_path, pretrain.BUDGETS["smoke"], seed=0)
     for stage in ("clip", "vae", "unet", "evaluator"):
@@ -28,6 +33,71 @@ def test_pretraining_smoke_run_lowers_every_loss(tmp_path):
     assert same(pipe.params["text_encoder"]["text_model"], clip.params["text_model"])
     assert same(joint.params["text_projection"], clip.params["text_projection"])
     assert not same(joint.params["vision_model"], clip.params["vision_model"])
+
+    # On a CPU the CLIP trained in a second process beside the VAE, and the evaluator beside the
+    # UNet; one process, one stage after another, gives the same bytes.
+    assert set(result["beside"]) == {"clip", "evaluator"}
+    assert "clip: loss" in (tmp_path / "clip.log").read_text()
+    assert "evaluator: loss" in (tmp_path / "evaluator.log").read_text()
+    alone = pretrain.pretrain(tmp_path / "one-process", pretrain.BUDGETS["smoke"], seed=0, beside=False)
+    assert alone["beside"] == {} and alone["losses"] == result["losses"]
+    for weights in ("clip-joint/model.safetensors", "vae/diffusion_pytorch_model.safetensors",
+                    "pipeline/unet/diffusion_pytorch_model.safetensors", "clip/model.safetensors"):
+        assert (tmp_path / "one-process" / weights).read_bytes() == (tmp_path / weights).read_bytes(), weights
+
+
+# Targets of the second-process tests: module-level, so that a spawned interpreter can import them.
+def _count_to(n, on_step):
+    for i in range(1, n + 1):
+        on_step(i)
+    print(f"counted to {n}")
+    return {"n": n, "devices": jax.local_device_count()}
+
+
+def _fail(on_step):
+    on_step(1)
+    raise ValueError("the stage broke")
+
+
+def _vanish(on_step):
+    os._exit(3)
+
+
+def _sleep(on_step):
+    time.sleep(120)
+
+
+def test_a_second_process_reports_its_result_its_failure_or_its_death(tmp_path):
+    jobs = {name: pretrain.BesideJob(name, target, args, 5, tmp_path / f"{name}.log") for name, target, args in [
+        ("count", _count_to, (5,)), ("fail", _fail, ()), ("vanish", _vanish, ()), ("sleep", _sleep, ())]}
+    try:
+        result, seconds = jobs["count"].wait()
+        # Its output goes to its log, and it gets this process's CPU device count.
+        assert result == {"n": 5, "devices": jax.local_device_count()} and seconds > 0
+        assert "counted to 5" in (tmp_path / "count.log").read_text()
+        with pytest.raises(RuntimeError, match=r"(?s)fail failed in its process.*ValueError: the stage broke"):
+            jobs["fail"].wait()
+        with pytest.raises(RuntimeError, match="vanish: its process ended with exit code 3 and no result"):
+            jobs["vanish"].wait()
+        # A failed or interrupted run ends the job it started.
+        jobs["sleep"].stop()
+        assert jobs["sleep"]._process.exitcode == -signal.SIGTERM
+    finally:
+        for job in jobs.values():
+            job.stop()
+
+
+def test_a_failed_pretraining_ends_its_second_process(tmp_path, monkeypatch, capsys):
+    def broken_vae(*args, **kwargs):
+        raise RuntimeError("the VAE broke")
+
+    monkeypatch.setattr(pretrain, "_vae_stage", broken_vae)
+    with pytest.raises(RuntimeError, match="the VAE broke"):
+        pretrain.pretrain(tmp_path, pretrain.BUDGETS["smoke"], seed=0)
+    # The CLIP was training in a second process when the VAE failed; it is stopped, not left behind.
+    assert "clip: training in a second process" in capsys.readouterr().out
+    assert multiprocessing.active_children() == []
+    assert not (tmp_path / "clip-joint" / toy.MARKER).exists()
 
 
 def test_pretraining_steps_do_not_depend_on_the_device_count():
