@@ -123,7 +123,7 @@ SCHEDULER_CONFIG: dict[str, Any] = dict(
 
 @dataclasses.dataclass(frozen=True)
 class Budget:
-    """Steps and batch sizes of each stage (``full``: 41.5 minutes on a 2-core CPU, ``--cpu-devices=2``).
+    """Steps and batch sizes of each stage (``full``: 40 to 42 minutes on a 2-core CPU, ``--cpu-devices=2``).
 
     The UNet and the evaluator gain more from steps than from batch size: on this CPU a step's cost
     is mostly fixed (a UNet step alone takes 0.19 s at batch 64, 0.11 s at 32). The UNet at batch 32
