@@ -52,7 +52,7 @@ from ablate_jax import distributed, sharding
 from ablate_jax import schedule as schedule_lib
 from ablate_jax import toy as toy_package
 from ablate_jax.models.clip import CLIPModel, CLIPTextModel
-from ablate_jax.models.loading import save_component
+from ablate_jax.models.loading import load_tokenizer, save_component
 from ablate_jax.models.unet import UNet2DConditionModel
 from ablate_jax.models.vae import AutoencoderKL
 from ablate_jax.toy import tokenizer as toy_tokenizer
@@ -547,12 +547,6 @@ def _evaluator_stage(out: Path, data: WorldData, tok: Any, ccfg: dict[str, Any],
     save_clip(out / "clip", out / "tokenizer", ccfg, eval_params)
 
 
-def _tokenizer(out: Path) -> Any:
-    from transformers import CLIPTokenizer  # noqa: PLC0415
-
-    return CLIPTokenizer.from_pretrained(out / "tokenizer")
-
-
 def _read_vae(out: Path) -> tuple[AutoencoderKL, Any, dict[str, Any]]:
     from ablate_jax.models.loading import load_component  # noqa: PLC0415
 
@@ -569,7 +563,7 @@ def _load_vae(out: Path, data: WorldData) -> _VaeStage:
 def clip_job(out: Path, data: WorldData, budget: Budget, seed: int,
              on_step: Callable[[int], None] | None = None) -> dict:
     """Stage 1 on its own, writing ``out/clip-joint``: what a :class:`BesideJob` runs. Returns its losses."""
-    tok = _tokenizer(out)
+    tok = load_tokenizer(epath.Path(out / "tokenizer"))
     history: dict[str, list[float]] = {}
     _clip_stage(out, data, tok, clip_config(len(tok), tok.model_max_length), budget, seed, history, on_step)
     return history
@@ -581,7 +575,7 @@ def evaluator_job(out: Path, data: WorldData, means: np.ndarray, budget: Budget,
     posterior ``means``. Returns its losses."""
     from ablate_jax.models.loading import load_clip  # noqa: PLC0415
 
-    tok = _tokenizer(out)
+    tok = load_tokenizer(epath.Path(out / "tokenizer"))
     vae, vae_params, _ = _read_vae(out)
     history: dict[str, list[float]] = {}
     _evaluator_stage(out, data, tok, clip_config(len(tok), tok.model_max_length), load_clip(out / "clip-joint").params,
@@ -729,7 +723,7 @@ def pretrain(out: str | os.PathLike, budget: Budget, seed: int = 0, stages: tupl
 
     try:
         t0 = time.perf_counter()
-        tok = _tokenizer(out)
+        tok = load_tokenizer(epath.Path(tok_dir))
         data = make_data(seed, budget.examples, tok)
         timing["data"] = time.perf_counter() - t0
 
