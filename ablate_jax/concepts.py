@@ -11,6 +11,7 @@ Several targets are cycled over the examples.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 import zlib
 from collections.abc import Sequence
@@ -105,6 +106,16 @@ class Concept:
             return template.format(p=anchor_prompt, t=keep, pt=replace_word(anchor_prompt, self.anchor, keep))
         return replace_word(anchor_prompt, self.anchor, keep)
 
+    def training_prompts(self) -> frozenset[str]:
+        """Every prompt training conditions on (before augmentation prefixes): anchor, target and kept prompts."""
+        out = set(self.anchor_prompts)
+        cycle = len(self.targets) * max(1, len(self.style_templates))
+        for p in self.usable_anchor_prompts():
+            out.update(self.target_prompt(p, i) for i in range(cycle))
+            for keep in self.preserve:
+                out.update(self.keep_prompt(p, keep, i) for i in range(max(1, len(self.style_templates))))
+        return frozenset(out)
+
 
 def _word(word: str) -> re.Pattern[str]:
     return re.compile(rf"(?<![\w-]){re.escape(word)}(?![\w-])", re.IGNORECASE)
@@ -112,16 +123,84 @@ def _word(word: str) -> re.Pattern[str]:
 
 def replace_word(text: str, word: str, replacement: str) -> str:
     """Replaces whole-word occurrences of ``word`` (case-insensitive)."""
-    return _word(word).sub(replacement, text)
+    return _word(word).sub(lambda _: replacement, text)  # the replacement is text, never a pattern
+
+
+MISSPELLINGS = ("doubled", "dropped", "swapped", "substituted")
+
+
+def target_word(targets: Sequence[str], anchor: str) -> str:
+    """The word that names the target: the longest word of the first target that the anchor does not use.
+
+    "grumpy cat" with anchor "cat" -> "grumpy"; "van gogh" -> "gogh"; "smiley" -> "smiley".
+    """
+    words = [w for w in re.findall(r"[\w'-]+", targets[0])]
+    anchor_words = {w.lower() for w in re.findall(r"[\w'-]+", anchor)}
+    own = [w for w in words if w.lower() not in anchor_words] or words
+    return max(own, key=len) if own else targets[0]
+
+
+def _next_letter(ch: str) -> str:
+    vowels = "aeiou"
+    if ch.lower() in vowels:
+        return vowels[(vowels.index(ch.lower()) + 1) % len(vowels)]
+    consonants = "bcdfghjklmnpqrstvwxyz"
+    if ch.lower() in consonants:
+        return consonants[(consonants.index(ch.lower()) + 1) % len(consonants)]
+    return "x" if ch != "x" else "y"
+
+
+def misspellings(word: str) -> dict[str, str]:
+    """One-letter misspellings of ``word`` by kind, each different from the word and from each other.
+
+    Around the middle letter ``i``: ``doubled`` ("smiley" -> "smilley"), ``dropped`` ("smiey"),
+    ``swapped`` with the next letter ("smiely"), ``substituted`` by the next vowel or consonant
+    ("smimey"). A kind that cannot change a word this short is left out.
+    """
+    n = len(word)
+    if n < 2:
+        return {}
+    i = n // 2
+    j = i if i + 1 < n else i - 1  # swap letters j and j + 1
+    candidates = {
+        "doubled": word[: i + 1] + word[i:],
+        "dropped": word[:i] + word[i + 1 :],
+        "swapped": word[:j] + word[j + 1] + word[j] + word[j + 2 :],
+        "substituted": word[:i] + _next_letter(word[i]) + word[i + 1 :],
+    }
+    out: dict[str, str] = {}
+    for kind in MISSPELLINGS:
+        wrong = candidates[kind]
+        if wrong != word and wrong not in out.values():
+            out[kind] = wrong
+    return out
 
 
 def misspell(text: str) -> str:
-    """A one-letter misspelling: the middle letter of the last word, doubled ("smiley" -> "smilley")."""
+    """The ``doubled`` misspelling of the last word of ``text`` ("smiley" -> "smilley")."""
     words = text.split(" ")
-    word = words[-1]
-    i = len(word) // 2
-    words[-1] = word[: i + 1] + word[i:]
+    words[-1] = misspellings(words[-1]).get("doubled", words[-1])
     return " ".join(words)
+
+
+def misspelled_sets(concept: Concept) -> tuple[EvalSet, ...]:
+    """For each target set, one set per kind of one-letter misspelling of the word naming the target.
+
+    Only that word changes ("a grumpy cat" -> "a grumpi cat", never "a grumpy caat"); each set has
+    role ``target_paraphrase`` and is named ``SET_misspelled_KIND``. Memorized captions have none.
+    """
+    if concept.kind == "memorization":
+        return ()
+    word = target_word(concept.targets, concept.anchor)
+    out = []
+    for s in concept.eval_sets:
+        if s.role != "target":
+            continue
+        for kind, wrong in misspellings(word).items():
+            prompts = tuple(replace_word(p, word, wrong) for p in s.prompts)
+            if prompts != s.prompts:
+                out.append(EvalSet(f"{s.name}_misspelled_{kind}", "target_paraphrase", s.concept, prompts))
+    return tuple(out)
 
 
 def parse_targets(target: str) -> tuple[str, ...]:
@@ -189,8 +268,37 @@ def _style(target: str, preserve: tuple[str, ...], held_out: tuple[str, ...], pa
     return Concept("style", (target,), "painting", builtin_prompts("anchor_painting"), preserve, tuple(sets))
 
 
-def _toy_prompts(word: str, n: int, seed: int, **scene_kwargs) -> tuple[str, ...]:
-    """``n`` distinct toy-world captions that contain ``word``, of scenes drawn with ``scene_kwargs``."""
+def toy_concept_phrase(value: str) -> str:
+    """What a toy-world attribute value is called in an evaluation set: "dotted" -> "dotted background"."""
+    from ablate_jax.toy import world  # noqa: PLC0415
+
+    try:
+        attribute = world.concept_attribute(value)
+    except ValueError:
+        return value
+    return f"{value} background" if attribute == "background" else value
+
+
+def toy_neighbours(concept: Concept) -> tuple[str, ...]:
+    """The other values of the toy-world attribute the target belongs to, less the anchor and the preserved ones.
+
+    A target that is no toy-world value ("my character") has none.
+    """
+    from ablate_jax.toy import world  # noqa: PLC0415
+
+    target = concept.targets[0]
+    try:
+        attribute = world.concept_attribute(target)
+    except ValueError:
+        return ()
+    skip = {*concept.targets, concept.anchor, *concept.preserve}
+    return tuple(v for v in world.all_concepts()[attribute] if v not in skip)
+
+
+def _toy_prompts(word: str, n: int, seed: int, exclude: frozenset[str] = frozenset(),
+                 **scene_kwargs) -> tuple[str, ...]:
+    """``n`` distinct toy-world captions that contain ``word`` and are not in ``exclude``, of scenes drawn
+    with ``scene_kwargs``."""
     from ablate_jax.toy import world  # noqa: PLC0415
 
     rng = np.random.default_rng(seed)
@@ -198,7 +306,7 @@ def _toy_prompts(word: str, n: int, seed: int, **scene_kwargs) -> tuple[str, ...
     for _ in range(1000 * n):
         scene = world.sample_scene(rng, **scene_kwargs)
         text = world.caption(scene, rng, describe=False)
-        if _word(word).search(text):
+        if _word(word).search(text) and text not in exclude:
             prompts.setdefault(text)
             if len(prompts) == n:
                 return tuple(prompts)
@@ -208,8 +316,15 @@ def _toy_prompts(word: str, n: int, seed: int, **scene_kwargs) -> tuple[str, ...
 def _toy_instance() -> Concept:
     from ablate_jax.toy import world  # noqa: PLC0415
 
+    anchor_prompts = _toy_prompts("circle", 200, seed=1, shapes=["circle"])
+    # Two of the three face siblings are kept in training; gaspy is held out to measure how far
+    # that carries. With the frowny alone preserved, the held-out winky (the closest face: the
+    # same smile, one eye closed) lost a third of its images.
+    trained = Concept("instance", ("smiley",), "circle", anchor_prompts, ("frowny", "winky")).training_prompts()
+
     def eval_set(name: str, role: str, concept: str, shape: str) -> EvalSet:
-        return EvalSet(name, role, concept, _toy_prompts(shape, 20, seed=zlib.crc32(name.encode()), shapes=[shape]))
+        return EvalSet(name, role, concept, _toy_prompts(shape, 20, seed=zlib.crc32(name.encode()), exclude=trained,
+                                                         shapes=[shape]))
 
     paraphrases = tuple(f"a {c} {d}" for c, d in zip(("red", "blue", "green", "yellow", "purple"),
                                                      world.INSTANCE_DESCRIPTIONS["smiley"] * 5, strict=False))
@@ -223,29 +338,29 @@ def _toy_instance() -> Concept:
         eval_set("star", "surrounding", "star", "star"),
         eval_set("square", "surrounding", "square", "square"),
     )
-    anchor_prompts = _toy_prompts("circle", 200, seed=1, shapes=["circle"])
-    # Two of the three face siblings are kept in training; gaspy is held out to measure how far
-    # that carries. With the frowny alone preserved, the held-out winky (the closest face: the
-    # same smile, one eye closed) lost a third of its images.
     return Concept("instance", ("smiley",), "circle", anchor_prompts, ("frowny", "winky"), sets)
 
 
 def _toy_style() -> Concept:
-    def prompts(background: str, n: int, seed: int) -> tuple[str, ...]:
-        return _toy_prompts(background, n, seed, backgrounds=[background])
+    anchor_prompts = _toy_prompts("plain", 200, 2, backgrounds=["plain"])
+    # Every other style of the world is preserved. With the dotted style alone preserved, the other
+    # patterns drifted towards plain along with the stripes, and each style added to the term held
+    # more of the rest (README, "Results on the toy world").
+    preserve = ("dotted", "wavy", "checkered")
+    trained = Concept("style", ("striped",), "plain", anchor_prompts, preserve, style_templates=("{pt}",)
+                      ).training_prompts()
+
+    def prompts(background: str, seed: int) -> tuple[str, ...]:
+        return _toy_prompts(background, 20, seed, exclude=trained, backgrounds=[background])
 
     sets = (
-        EvalSet("striped", "target", "striped background", prompts("striped", 20, 8001)),
-        EvalSet("plain", "anchor", "plain background", prompts("plain", 20, 8002)),
-        EvalSet("dotted", "preserved", "dotted background", prompts("dotted", 20, 8003)),
-        EvalSet("checkered", "preserved", "checkered background", prompts("checkered", 20, 8004)),
-        EvalSet("wavy", "preserved", "wavy background", prompts("wavy", 20, 8005)),
+        EvalSet("striped", "target", "striped background", prompts("striped", 8001)),
+        EvalSet("plain", "anchor", "plain background", prompts("plain", 8002)),
+        EvalSet("dotted", "preserved", "dotted background", prompts("dotted", 8003)),
+        EvalSet("checkered", "preserved", "checkered background", prompts("checkered", 8004)),
+        EvalSet("wavy", "preserved", "wavy background", prompts("wavy", 8005)),
     )
-    # Every other style of the world is preserved. With the dotted style alone preserved, the other
-    # patterns drifted towards plain along with the stripes (dotted 1.00 -> 0.70 at 600 steps), and
-    # each style added to the term held more of the rest (README, Results).
-    return Concept("style", ("striped",), "plain", prompts("plain", 200, 2), ("dotted", "wavy", "checkered"), sets,
-                   style_templates=("{pt}",))
+    return Concept("style", ("striped",), "plain", anchor_prompts, preserve, sets, style_templates=("{pt}",))
 
 
 def _toy_memorized() -> Concept:
@@ -253,12 +368,21 @@ def _toy_memorized() -> Concept:
 
     anchor_prompts = tuple(f"{a} orange star on {b}" for a in ("an", "a big", "a large", "one", "a bright")
                            for b in ("a dark wavy background", "dark waves", "a wavy background", "wavy lines"))
+    # The anchor's evaluation prompts say the same thing in the toy captions' other phrasings, none
+    # of which training uses.
+    anchor_eval = tuple(t.format(obj=o, noun=n) for t in ("{obj} against {noun}", "a drawing of {obj} over {noun}")
+                        for o in ("an orange star", "a big orange star")
+                        for n in ("waves", "wavy lines", "a wavy pattern", "dark waves", "dark wavy lines"))
+    concept = Concept("memorization", (world.MEMORIZED_CAPTION,), "orange star", anchor_prompts)
+    # The memorized caption is both what training maps away and what evaluation asks: the measure is
+    # whether that very caption still reproduces the image. Every other set is held out.
     sets = (
         EvalSet("memorized", "target", world.MEMORIZED_CAPTION, (world.MEMORIZED_CAPTION,) * 20),
-        EvalSet("orange_star", "anchor", "orange star", anchor_prompts[:20]),
-        EvalSet("star", "surrounding", "star", _toy_prompts("star", 20, seed=9001, shapes=["star"])),
+        EvalSet("orange_star", "anchor", "orange star", anchor_eval),
+        EvalSet("star", "surrounding", "star", _toy_prompts("star", 20, seed=9001, exclude=concept.training_prompts(),
+                                                           shapes=["star"])),
     )
-    return Concept("memorization", (world.MEMORIZED_CAPTION,), "orange star", anchor_prompts, (), sets)
+    return dataclasses.replace(concept, eval_sets=sets)
 
 
 _CATS = ("tabby cat", "siamese cat", "persian cat", "sphynx cat")
@@ -282,6 +406,7 @@ PRESETS = {
 }
 
 
+@functools.cache
 def preset(name: str) -> Concept:
     """A named concept: the paper's (grumpy_cat, snoopy, nemo, r2d2, van_gogh, monet, salvador_dali,
     greg_rutkowski) or the toy world's (toy_smiley, toy_striped, toy_memorized)."""

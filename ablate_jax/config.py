@@ -1,22 +1,41 @@
 """The run configuration shared by every phase (generate, train, evaluate, export).
 
-Config files in ``configs/`` call :func:`base_config`, set what their method changes, then
+A config file in ``configs/`` calls :func:`base_config`, sets what its method changes, and
 :func:`finalize` applies the ``:arg`` string (``concept=grumpy_cat,model=/data/sd-v1-4``) and
-locks the dict, so a misspelled key fails instead of being silently ignored.
+locks the dict, so a misspelled key fails instead of being silently ignored. ``--config.KEY=VALUE``
+flags go through the same setter (:func:`override`).
+
+Values that depend on the model family, the parameter group, the loss or the concept (learning
+rate, steps, anchor count, prior and preservation weights, rescale augmentation, evaluator) are
+left unset in the file and filled by :func:`resolve`, in this one place, once every input is known.
+So ``configs/xattn.py:params=full,model=DIR``, ``configs/full.py:model=DIR`` and the same values
+given as flags in any order all train the same thing, and a value set explicitly, by any route,
+always wins over a resolved one (docs/design.md, "Configuration").
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import functools
 import hashlib
 import json
+import math
+import os
 from typing import Any
 
 import ml_collections
+from ml_collections import config_dict
 
 from ablate_jax import concepts, losses
 from ablate_jax.sampling import SamplingConfig
 from ablate_jax.toy import is_toy_world
+
+PARAM_GROUPS = ("xattn_kv", "xattn", "attn", "full", "embedding")
+DTYPES = ("float32", "bfloat16")
+REMAT = ("none", "attention", "blocks")
+# The evaluator a real model is scored with when eval.clip is not set: the CLIP the paper measures with.
+REAL_EVALUATOR = "openai/clip-vit-large-patch14"
 
 
 class ConfigError(ValueError):
@@ -24,7 +43,12 @@ class ConfigError(ValueError):
 
 
 def base_config() -> ml_collections.ConfigDict:
-    """Every field a run reads, with the toy world's instance concept as the default."""
+    """Every field a run reads, with the toy world's instance concept as the default.
+
+    Fields created with ``placeholder`` are resolved per model, parameter group and loss by
+    :func:`resolve` unless set.
+    """
+    auto = config_dict.placeholder
     c = ml_collections.ConfigDict()
     c.model = "toy"  # "toy", a diffusers folder, a hub id or a gs:// path
     c.seed = 0
@@ -37,16 +61,22 @@ def base_config() -> ml_collections.ConfigDict:
     c.concept.target = ""  # several targets separated by ';'
     c.concept.anchor = ""
     c.concept.anchor_prompts = ""  # prompt file, or a built-in set name such as anchor_cat
+    # Neighbours evaluated but never trained on (';'-separated), for a concept defined by its fields.
+    # Empty: on the toy world, the other values of the target's attribute that are not preserved.
+    c.concept.held_out = ""
 
     c.params = "xattn_kv"  # xattn_kv | xattn | attn | full | embedding
     c.loss = "model_based"  # model_based | noise_based
-    c.teacher = "frozen"  # frozen | online
-    c.prior_weight = 0.0
+    # The model the loss's anchor prediction comes from: "frozen" is the pretrained model, fixed for
+    # the whole run; "online" is the model being trained, under stop-gradient (what the paper's
+    # released trainers do). README, "Frozen or online teacher".
+    c.teacher = "frozen"
+    c.prior_weight = auto(float)
     # Surrounding concepts kept by the preservation term; empty means the preset's list. On the
     # command line: preserve.concepts=frowny;winky.
     c.preserve = ml_collections.ConfigDict()
     c.preserve.concepts = ()
-    c.preserve.weight = 0.0
+    c.preserve.weight = auto(float)
     c.stop_sot_kv_grad = True
 
     # Device layout. fsdp > 1 splits parameters and optimizer state over that many devices
@@ -56,7 +86,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh.fsdp = 1
 
     c.anchors = ml_collections.ConfigDict()
-    c.anchors.num_images = 200
+    c.anchors.num_images = auto(int)
     c.anchors.sampler = "dpmpp_2m"
     c.anchors.steps = 25
     c.anchors.guidance = 6.0
@@ -72,15 +102,21 @@ def base_config() -> ml_collections.ConfigDict:
     c.anchors.memorization_references = 4
 
     c.train = ml_collections.ConfigDict()
-    c.train.steps = 200
+    c.train.steps = auto(int)
     c.train.batch_size = 8
-    c.train.learning_rate = 1.6e-5
+    c.train.learning_rate = auto(float)
     c.train.weight_decay = 1e-2
     c.train.clip_norm = 1.0
     c.train.flip = True
-    c.train.rescale = True  # shrink/zoom augmentation with prompt prefixes (DESIGN.md 1.4)
+    c.train.rescale = auto(bool)  # shrink/zoom augmentation with prompt prefixes (docs/design.md, "Data")
     c.train.checkpoint_every = 50
     c.train.log_every = 10
+    # A checkpoint is written only if the objective on a fixed probe batch, measured with the
+    # parameters being saved, is finite and at most this many times its value before training.
+    c.train.divergence_factor = 100.0
+    # Recompute activations in the backward pass instead of keeping them: "none", "attention"
+    # (each transformer block) or "blocks" (each UNet down, mid and up block). Same numbers, less memory.
+    c.train.remat = "none"
     # Metrics also go to TensorBoard event files in WORKDIR/logs (written through TensorFlow's
     # file systems, gs:// included); False keeps them in the log only.
     c.train.tensorboard = True
@@ -93,8 +129,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.eta = 1.0
     c.eval.guidance = 6.0
     c.eval.batch_size = 64
-    c.eval.clip = "toy"  # "toy", a folder or a hub id such as openai/clip-vit-large-patch14
-    c.eval.misspelling = True  # also evaluate a one-letter misspelling of the target
+    c.eval.clip = auto(str)  # "toy", a folder or a hub id such as openai/clip-vit-large-patch14
+    c.eval.misspelling = True  # also evaluate one-letter misspellings of the word naming the target
     c.eval.sets = ""  # ';'-separated set names to evaluate; empty: all of the concept's sets
     c.eval.kid_subsets = 100  # KID: random subsets averaged (clean-fid's default)
     c.eval.kid_subset_size = 1000  # KID: rows per subset, capped at the set's size
@@ -111,17 +147,20 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
-def _parse_arg(arg: str | None) -> dict[str, str]:
-    out: dict[str, str] = {}
+# ------------------------------------------------------------------------------------------------ setting values
+
+
+def _parse_arg(arg: str | None) -> list[tuple[str, str]]:
+    out: list[tuple[str, str]] = []
     for part in filter(None, (arg or "").split(",")):
         if "=" not in part:
             raise ConfigError(f"config argument {part!r} must look like key=value")
         key, value = part.split("=", 1)
-        out[key.strip()] = value.strip()
+        out.append((key.strip(), value.strip()))
     return out
 
 
-def _set(config: ml_collections.ConfigDict, dotted: str, value: str) -> None:
+def _leaf(config: ml_collections.ConfigDict, dotted: str) -> tuple[ml_collections.ConfigDict, str]:
     *parents, leaf = dotted.split(".")
     node = config
     for p in parents:
@@ -130,108 +169,315 @@ def _set(config: ml_collections.ConfigDict, dotted: str, value: str) -> None:
         node = node[p]
     if leaf not in node or isinstance(node[leaf], ml_collections.ConfigDict):
         raise ConfigError(f"unknown config key {dotted!r}")
-    old = node[leaf]
+    return node, leaf
+
+
+def has_key(config: ml_collections.ConfigDict, dotted: str) -> bool:
+    """Whether ``dotted`` names a value (not a section) of ``config``."""
     try:
-        if isinstance(old, tuple):
-            new: Any = concepts.parse_targets(value)  # the same ";" lists as concept.target
-        elif isinstance(old, bool):
-            if value.lower() not in ("true", "false", "1", "0"):
+        _leaf(config, dotted)
+    except ConfigError:
+        return False
+    return True
+
+
+def _parse_value(kind: type, value: str) -> Any:
+    if kind is tuple:
+        text = value.strip()
+        if text[:1] in "([":  # a Python literal, as ml_collections' own flags take it
+            parsed = ast.literal_eval(text)
+            if not isinstance(parsed, (tuple, list)) or not all(isinstance(v, str) for v in parsed):
                 raise ValueError(value)
-            new = value.lower() in ("true", "1")
-        else:
-            new = type(old)(value)
-    except ValueError as e:
-        raise ConfigError(f"config key {dotted!r} needs a {type(old).__name__}, got {value!r}") from e
+            return tuple(v.strip() for v in parsed if v.strip())
+        return concepts.parse_targets(value)  # the same ";" lists as concept.target
+    if kind is bool:
+        if value.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(value)
+        return value.lower() in ("true", "1")
+    if kind is int:
+        return int(value)
+    if kind is float:
+        return float(value)
+    return kind(value)
+
+
+def override(config: ml_collections.ConfigDict, dotted: str, value: str) -> None:
+    """Sets ``dotted`` from its text, parsed as the field's type (the ``:arg`` string and flags both use it)."""
+    node, leaf = _leaf(config, dotted)
+    kind = node.get_type(leaf)
+    try:
+        new = _parse_value(kind, value)
+    except (ValueError, SyntaxError) as e:
+        raise ConfigError(f"config key {dotted!r} needs {_type_name(kind)}, got {value!r}") from e
     node[leaf] = new
 
 
-# Learning rate and steps per parameter group (global batch 8). Real Stable Diffusion: the
-# paper's reference values (2e-6 per example for cross-attention, 2e-6 for full fine-tuning);
-# the embedding value is a starting point, not a tuned figure. The toy world's were tuned on the
-# previous toy model and hold on the current one for xattn_kv (README, "Results"): its tiny UNet
-# needs larger steps than SD's.
-SD_SCHEDULE = {"xattn_kv": (1.6e-5, 200), "xattn": (1.6e-5, 200), "attn": (1.6e-5, 200), "full": (2e-6, 400),
-               "embedding": (1e-3, 200)}
-# Full fine-tuning for the memorized image stops at 50 steps: by then its caption draws an orange
-# star in every sample, and further steps only wear down the orange stars themselves (0.95 -> 0.85
-# at 100 steps of 1e-4, 0.70 at 300 steps of 3e-5; README, "Results").
-TOY_SCHEDULE = {"xattn_kv": (3e-4, 600), "xattn": (3e-4, 300), "attn": (3e-4, 300), "full": (1e-4, 50),
-                "embedding": (1e-2, 300)}
-# Preservation weight per loss. The noise-based loss pulls towards the anchor images with a
-# noisier, weaker gradient than the teacher's prediction; at weight 4 the preserved faces held the
-# smiley's shared features back (smiley 1.00 -> 0.20 at 600 steps), at 1 it goes (-> 0.05).
-TOY_PRESERVE_WEIGHT = {"model_based": 4.0, "noise_based": 1.0}
-
-
-def model_defaults(config: ml_collections.ConfigDict, model: str) -> None:
-    """Sets learning rate, steps, anchor count and preservation for the toy world or a real model."""
-    toy = is_toy_world(model)
-    lr, steps = (TOY_SCHEDULE if toy else SD_SCHEDULE).get(config.params, (config.train.learning_rate,
-                                                                           config.train.steps))
-    config.train.learning_rate, config.train.steps = lr, steps
-    config.anchors.num_images = 200 if toy else 1000
-    # The toy model's face instances are close neighbours: without the preservation term, a
-    # rate that removes the smiley removes the frowny too (README, "Results").
-    # (The embedding group cannot move other concepts' prompts, and full fine-tuning for a memorized
-    # image keeps its neighbours through the prior term instead.)
-    if config.loss not in losses.LOSSES:
-        raise ConfigError(f"loss must be one of {', '.join(losses.LOSSES)}, got {config.loss!r}")
-    keeps = toy and config.params in ("xattn_kv", "xattn", "attn")
-    config.preserve.weight = TOY_PRESERVE_WEIGHT[config.loss] if keeps else 0.0
+def _type_name(kind: type) -> str:
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+            tuple: "a ';'-separated list"}.get(kind, f"a {kind.__name__}")
 
 
 def finalize(config: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
     """Applies ``arg`` and locks the config.
 
-    ``arg`` is ``key=value`` pairs separated by commas: ``concept=NAME`` picks a preset, ``model=PATH``
-    picks the model and with it the defaults of :func:`model_defaults`, ``loss=`` picks the loss
-    (and with it the toy world's preservation weight), and any other key sets that field (after
-    the defaults, so it wins).
+    ``arg`` is ``key=value`` pairs separated by commas: ``concept=NAME`` picks a preset and any
+    other key sets that field. Nothing is resolved here: :func:`resolve` runs once the flags are
+    applied too, so the order of the routes does not matter.
     """
-    values = _parse_arg(arg)
-    for selector in ("model", "loss"):
-        if selector in values:
-            _set(config, selector, values.pop(selector))
-    model_defaults(config, config.model)
-    for key, value in values.items():
-        _set(config, "concept.preset" if key == "concept" else key, value)
+    for key, value in _parse_arg(arg):
+        override(config, "concept.preset" if key == "concept" else key, value)
     config.lock()
     return config
 
 
+# ------------------------------------------------------------------------------------------------ resolution
+
+
+# Learning rate and steps per parameter group (global batch 8). Real Stable Diffusion: the
+# paper's values (2e-6 per example for cross-attention, 2e-6 for full fine-tuning); the embedding
+# value is a starting point, not a tuned figure. The toy world's tiny UNet needs larger steps
+# (README, "Results on the toy world").
+SD_SCHEDULE = {"xattn_kv": (1.6e-5, 200), "xattn": (1.6e-5, 200), "attn": (1.6e-5, 200), "full": (2e-6, 400),
+               "embedding": (1e-3, 200)}
+# Full fine-tuning for the memorized image stops at 50 steps: by then its caption draws an orange
+# star in every sample, and further steps only wear the orange stars down.
+TOY_SCHEDULE = {"xattn_kv": (3e-4, 600), "xattn": (3e-4, 300), "attn": (3e-4, 300), "full": (1e-4, 50),
+                "embedding": (1e-2, 300)}
+# Preservation weight per loss on the toy world. The noise-based loss pulls towards the anchor
+# images with a noisier, weaker gradient than the teacher's prediction, so a lighter term keeps
+# the neighbours without holding the target back.
+TOY_PRESERVE_WEIGHT = {"model_based": 4.0, "noise_based": 1.0}
+ANCHORS = {"toy": 200, "sd": 1000}
+
+RESOLVED_KEYS = ("train.learning_rate", "train.steps", "anchors.num_images", "prior_weight", "preserve.weight",
+                 "train.rescale", "eval.clip")
+FAMILIES = ("toy", "sd1", "sd2", "sd")
+
+
+def model_family(model: str) -> str:
+    """``toy``, ``sd1`` (768-wide text states), ``sd2`` (1024-wide) or ``sd`` (not readable here: a hub id).
+
+    Read from the folder's ``unet/config.json`` only: no weights are loaded.
+    """
+    if is_toy_world(model):
+        return "toy"
+    from etils import epath  # noqa: PLC0415
+
+    text = os.fspath(model)
+    if "://" not in text and not os.path.isdir(os.path.expanduser(text)):
+        return "sd"
+    try:
+        unet = json.loads((epath.Path(os.path.expanduser(text)) / "unet" / "config.json").read_text())
+    except Exception:  # noqa: BLE001  (unreadable here: the loader reports it with the reason)
+        return "sd"
+    width = unet.get("cross_attention_dim")
+    return {768: "sd1", 1024: "sd2"}.get(width if isinstance(width, int) else -1, "sd")
+
+
+@dataclasses.dataclass(frozen=True)
+class Resolution:
+    """What :func:`resolve` filled in: per key, the value and the rule that gave it."""
+
+    family: str
+    values: dict[str, tuple[Any, str]]
+
+    def lines(self) -> list[str]:
+        return [f"{k}={v!r} ({why})" for k, (v, why) in self.values.items()]
+
+
+def _get(config: ml_collections.ConfigDict, dotted: str) -> Any:
+    node, leaf = _leaf(config, dotted)
+    return node[leaf]
+
+
+def resolution(config: ml_collections.ConfigDict) -> Resolution:
+    """The values :func:`resolve` would fill in, and why; checks the choices they depend on."""
+    for key, allowed in (("params", PARAM_GROUPS), ("loss", losses.LOSSES), ("teacher", losses.TEACHERS)):
+        if config[key] not in allowed:
+            raise ConfigError(f"{key} must be one of {', '.join(allowed)}, got {config[key]!r}")
+    family = model_family(config.model)
+    toy = family == "toy"
+    where = "toy world" if toy else f"Stable Diffusion ({family})" if family != "sd" else "Stable Diffusion"
+    params, loss = config.params, config.loss
+    values: dict[str, tuple[Any, str]] = {}
+
+    def fill(key: str, value: Any, why: str) -> None:
+        if _get(config, key) is None:
+            values[key] = (value, why)
+
+    lr, steps = (TOY_SCHEDULE if toy else SD_SCHEDULE)[params]
+    fill("train.learning_rate", lr, f"{where}, {params}")
+    fill("train.steps", steps, f"{where}, {params}")
+    fill("anchors.num_images", ANCHORS["toy" if toy else "sd"], where)
+    fill("prior_weight", 1.0 if params == "full" else 0.0,
+         "full fine-tuning keeps the anchor prompts' noise prediction" if params == "full" else f"{params}")
+    concept = concept_from_config(config)
+    fill("train.rescale", concept.kind != "memorization",
+         "a memorized image is removed as drawn" if concept.kind == "memorization" else f"{concept.kind} concept")
+    preserve = _get(config, "preserve.weight")
+    if preserve is None:
+        weight, why = 0.0, f"{where}, {params}"
+        if not concept.preserve:
+            why = "the concept names nothing to preserve"
+        elif config.teacher != "frozen":
+            why = "an online teacher cannot hold the neighbours (the term would be zero)"
+        elif toy and params in ("xattn_kv", "xattn", "attn"):
+            weight, why = TOY_PRESERVE_WEIGHT[loss], f"{where}, {params}, {loss}"
+        values["preserve.weight"] = (weight, why)
+    fill("eval.clip", "toy" if toy else REAL_EVALUATOR, f"the evaluator for the {where}")
+    return Resolution(family, values)
+
+
+def is_resolved(config: ml_collections.ConfigDict) -> bool:
+    return all(_get(config, k) is not None for k in RESOLVED_KEYS)
+
+
+def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """``config`` with every unset value of :data:`RESOLVED_KEYS` filled, checked and locked.
+
+    Idempotent: a resolved config comes back as it is. The input is never modified.
+    """
+    if is_resolved(config):
+        check(config)
+        return config
+    out = _filled(config, resolution(config))
+    check(out)
+    return out
+
+
+def resolve_with_notes(config: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDict, Resolution]:
+    """:func:`resolve`, plus what it filled in (empty for a config that was already resolved)."""
+    notes = resolution(config)
+    out = _filled(config, notes)
+    check(out)
+    return out, notes
+
+
+def _filled(config: ml_collections.ConfigDict, notes: Resolution) -> ml_collections.ConfigDict:
+    out = ml_collections.ConfigDict(config.to_dict(), type_safe=True)
+    # Placeholders lose their declared type in to_dict(); set values through the original's types.
+    for key in RESOLVED_KEYS:
+        node, leaf = _leaf(out, key)
+        value = notes.values[key][0] if key in notes.values else _get(config, key)
+        node[leaf] = value
+    out.lock()
+    return out
+
+
+def check(config: ml_collections.ConfigDict) -> None:
+    """The checks that need no model and no files: values in range, and choices that fit together."""
+    t = config.train
+
+    def positive(key: str, value: float, *, integer: bool = False) -> None:
+        ok = isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+        if not ok:
+            raise ConfigError(f"{key} must be a positive {'integer' if integer else 'number'}, got {value!r}")
+
+    for key, integer in (("train.steps", True), ("train.batch_size", True), ("train.learning_rate", False),
+                         ("train.checkpoint_every", True), ("train.log_every", True),
+                         ("train.divergence_factor", False), ("anchors.num_images", True),
+                         ("anchors.batch_size", True), ("anchors.shard_size", True), ("anchors.steps", True),
+                         ("eval.steps", True), ("eval.batch_size", True), ("eval.grid_columns", True),
+                         ("eval.kid_subsets", True), ("eval.kid_subset_size", True), ("mesh.fsdp", True)):
+        positive(key, _get(config, key), integer=integer)
+    for key in ("train.weight_decay", "train.clip_norm", "prior_weight", "preserve.weight"):
+        value = _get(config, key)
+        if not (math.isfinite(value) and value >= 0):
+            raise ConfigError(f"{key} must be a finite number >= 0, got {value!r}")
+    if t.divergence_factor <= 1:
+        raise ConfigError(f"train.divergence_factor must be above 1, got {t.divergence_factor}")
+    if config.dtype not in DTYPES:
+        raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {config.dtype!r}")
+    if t.remat not in REMAT:
+        raise ConfigError(f"train.remat must be one of {', '.join(REMAT)}, got {t.remat!r}")
+    for key, allowed in (("params", PARAM_GROUPS), ("loss", losses.LOSSES), ("teacher", losses.TEACHERS)):
+        if config[key] not in allowed:
+            raise ConfigError(f"{key} must be one of {', '.join(allowed)}, got {config[key]!r}")
+    if config.eval.enabled and config.eval.num_images < 2:
+        raise ConfigError(f"eval.num_images must be at least 2 (KID compares two sets of images), "
+                          f"got {config.eval.num_images}")
+    for name, sampling in (("anchors", anchor_sampling(config)), ("eval", eval_sampling(config))):
+        try:
+            sampling.validate()
+        except ValueError as e:
+            raise ConfigError(f"{name}: {e}") from e
+    if config.eval.clip == "toy" and model_family(config.model) != "toy":
+        raise ConfigError(f"eval.clip='toy' would score {config.model} with the toy world's evaluator; "
+                          f"set --config.eval.clip to a CLIP folder or hub id such as {REAL_EVALUATOR}")
+    if not config.eval.clip:
+        raise ConfigError("eval.clip is empty; give a CLIP folder or hub id")
+    concept = concept_from_config(config)
+    if config.preserve.weight > 0 and not concept.preserve:
+        raise ConfigError(f"preserve.weight={config.preserve.weight:g} but the concept names nothing to preserve; "
+                          "set preserve.concepts (e.g. preserve.concepts=tabby cat;siamese cat) or preserve.weight=0")
+    try:
+        loss_config(config).validate()
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+
+
+def loss_config(config: ml_collections.ConfigDict) -> losses.LossConfig:
+    return losses.LossConfig(loss=config.loss, teacher=config.teacher, prior_weight=float(config.prior_weight or 0.0),
+                             preserve_weight=float(config.preserve.weight or 0.0))
+
+
+# ------------------------------------------------------------------------------------------------ the concept
+
+
 def concept_from_config(config: ml_collections.ConfigDict) -> concepts.Concept:
-    """The :class:`~ablate_jax.concepts.Concept` a config describes: its preset, then its overrides."""
+    """The :class:`~ablate_jax.concepts.Concept` a config describes: its preset, then its overrides.
+
+    A concept whose target, kind, anchor or anchor prompts differ from its preset's (or that has
+    no preset) sets part of its anchor prompts aside for evaluation and never trains on them
+    (:func:`default_eval_sets`). Misspellings of the target are added when ``eval.misspelling``.
+    """
     c = config.concept
-    if c.preset:
-        base = concepts.preset(c.preset)
+    return _concept(c.preset, c.kind, c.target, c.anchor, c.anchor_prompts, c.held_out,
+                    tuple(config.preserve.concepts), bool(config.eval.misspelling), is_toy_world(config.model))
+
+
+@functools.lru_cache(maxsize=32)
+def _concept(preset: str, kind: str, target: str, anchor: str, anchor_prompts: str, held_out: str,
+             preserve: tuple[str, ...], misspelling: bool, toy: bool) -> concepts.Concept:
+    if preset:
+        base = concepts.preset(preset)
         fields = dict(kind=base.kind, targets=base.targets, anchor=base.anchor, anchor_prompts=base.anchor_prompts,
                       preserve=base.preserve, eval_sets=base.eval_sets, style_templates=base.style_templates)
     else:
         fields = dict(kind="", targets=(), anchor="", anchor_prompts=(), preserve=(), eval_sets=())
-    changed = False
-    if c.kind:
-        fields["kind"], changed = c.kind, changed or c.kind != fields["kind"]
-    if c.target:
-        targets = concepts.parse_targets(c.target)
+    changed = not preset
+    if kind:
+        fields["kind"], changed = kind, changed or kind != fields["kind"]
+    if target:
+        targets = concepts.parse_targets(target)
         fields["targets"], changed = targets, changed or targets != fields["targets"]
-    if c.anchor:
-        fields["anchor"], changed = c.anchor, changed or c.anchor != fields["anchor"]
-    if c.anchor_prompts:
-        fields["anchor_prompts"], changed = concepts.prompts_from(c.anchor_prompts), True
-    if config.preserve.concepts:
-        fields["preserve"] = tuple(k.strip() for k in config.preserve.concepts if k.strip())
+    if anchor:
+        fields["anchor"], changed = anchor, changed or anchor != fields["anchor"]
+    if anchor_prompts:
+        fields["anchor_prompts"], changed = concepts.prompts_from(anchor_prompts), True
+    if preserve:
+        fields["preserve"] = tuple(k.strip() for k in preserve if k.strip())
     if not fields["kind"]:
         raise ConfigError("set concept.preset or concept.kind (instance, style or memorization)")
     if not fields["targets"]:
         raise ConfigError("set concept.preset or concept.target")
     if not fields["anchor_prompts"]:
         raise ConfigError("set concept.preset or concept.anchor_prompts")
-    if changed or not fields["eval_sets"]:
-        # The preset's evaluation sets describe its own target; rebuild them for the new one.
-        fields["eval_sets"] = default_eval_sets(fields)
-    elif config.preserve.concepts:
-        fields["eval_sets"] = _relabel(fields["eval_sets"], fields["preserve"])
-    return concepts.Concept(**fields)
+    held = concepts.parse_targets(held_out)
+    if changed:
+        # The preset's evaluation sets describe its own target; build new ones from prompts that
+        # training never sees.
+        fields["anchor_prompts"], fields["eval_sets"] = default_eval_sets(fields, held, toy)
+    else:
+        if preserve:
+            fields["eval_sets"] = _relabel(fields["eval_sets"], fields["preserve"])
+        if held:
+            raise ConfigError("concept.held_out is for a concept defined by its fields; a preset has its own "
+                              "held-out sets")
+    concept = concepts.Concept(**fields)
+    if misspelling:
+        concept = dataclasses.replace(concept, eval_sets=concept.eval_sets + concepts.misspelled_sets(concept))
+    return concept
 
 
 def _relabel(sets: tuple[concepts.EvalSet, ...], preserve: tuple[str, ...]) -> tuple[concepts.EvalSet, ...]:
@@ -247,18 +493,56 @@ def _relabel(sets: tuple[concepts.EvalSet, ...], preserve: tuple[str, ...]) -> t
     return tuple(out)
 
 
-def default_eval_sets(fields: dict[str, Any]) -> tuple[concepts.EvalSet, ...]:
-    """Target and anchor sets built from the anchor prompts, for a user-defined concept."""
+# Of a custom concept's usable anchor prompts, every EVAL_EVERY-th (up to EVAL_PROMPTS of them) is
+# set aside for evaluation.
+EVAL_EVERY = 5
+EVAL_PROMPTS = 20
+
+
+def split_anchor_prompts(prompts: tuple[str, ...], usable: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(training prompts, evaluation prompts): every 5th usable prompt, up to 20, is held out."""
+    usable = tuple(dict.fromkeys(usable))
+    if len(usable) < 2:
+        raise ConfigError(f"the concept has {len(usable)} usable anchor prompt(s); at least 2 are needed, since "
+                          "part of them is set aside for evaluation and never trained on")
+    every = min(EVAL_EVERY, len(usable))
+    held = tuple(usable[i] for i in range(every - 1, len(usable), every))[:EVAL_PROMPTS]
+    train = tuple(p for p in dict.fromkeys(prompts) if p not in set(held))
+    return train, held
+
+
+def default_eval_sets(fields: dict[str, Any], held_out: tuple[str, ...],
+                      toy: bool) -> tuple[tuple[str, ...], tuple[concepts.EvalSet, ...]]:
+    """(training anchor prompts, evaluation sets) for a concept defined by its fields.
+
+    The sets are built from anchor prompts that training never sees: target, anchor, one per
+    preserved concept and one per held-out neighbour (``held_out``; on the toy world, by default
+    the other values of the target's attribute that are not preserved).
+    """
     probe = concepts.Concept(**{**fields, "eval_sets": ()})
-    prompts = probe.usable_anchor_prompts()[:20]
+    train, prompts = split_anchor_prompts(probe.anchor_prompts, probe.usable_anchor_prompts())
     target = probe.targets[0]
-    target_prompts = tuple(probe.target_prompt(p, i * len(probe.targets)) for i, p in enumerate(prompts))
-    sets = [concepts.EvalSet("target", "target", target, target_prompts),
-            concepts.EvalSet("anchor", "anchor", probe.anchor, prompts)]
-    sets += [concepts.EvalSet(k.replace(" ", "_"), "preserved", k,
+    n = len(probe.targets)
+    target_prompts = tuple(probe.target_prompt(p, i * n) for i, p in enumerate(prompts))
+    phrase = concepts.toy_concept_phrase if toy else (lambda c: c)
+    key = lambda c: c.replace(" ", "_")  # noqa: E731
+    sets = [concepts.EvalSet(key(target), "target", phrase(target), target_prompts),
+            concepts.EvalSet(key(probe.anchor), "anchor", phrase(probe.anchor), prompts)]
+    sets += [concepts.EvalSet(key(k), "preserved", phrase(k),
                               tuple(probe.keep_prompt(p, k, i) for i, p in enumerate(prompts)))
              for k in probe.preserve]
-    return tuple(sets)
+    if not held_out and toy:
+        held_out = concepts.toy_neighbours(probe)
+    taken = {s.name for s in sets}
+    for k in held_out:
+        if key(k) in taken or k in probe.targets:
+            continue
+        sets.append(concepts.EvalSet(key(k), "surrounding", phrase(k),
+                                     tuple(probe.keep_prompt(p, k, i) for i, p in enumerate(prompts))))
+    return train, tuple(sets)
+
+
+# ------------------------------------------------------------------------------------------------ derived settings
 
 
 def anchor_sampling(config: ml_collections.ConfigDict) -> SamplingConfig:
@@ -275,9 +559,9 @@ def fingerprint(config: ml_collections.ConfigDict, *keys: str) -> dict[str, Any]
     """The config fields a workdir artefact depends on, plus a short hash of them.
 
     Stored beside anchors and checkpoints; a rerun whose fingerprint differs is refused rather
-    than mixing two runs in one workdir.
+    than mixing two runs in one workdir. The config is resolved first.
     """
-    flat = config.to_dict()
+    flat = resolve(config).to_dict()
     picked: dict[str, Any] = {}
     for key in keys:
         node: Any = flat

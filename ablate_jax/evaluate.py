@@ -33,7 +33,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ablate_jax import cli, concepts, sharding, storage
-from ablate_jax.config import concept_from_config, eval_sampling
+from ablate_jax.config import concept_from_config, eval_sampling, resolve
 from ablate_jax.models.loading import CLIP, Pipeline, load_clip, load_pipeline
 from ablate_jax.report import before_after_grid, check_report, format_table, grid_filename, write_report
 from ablate_jax.sampling import SamplingConfig, generate
@@ -272,12 +272,13 @@ def evaluate_run(
 
     ``ablated_params``: a full params dict like ``pipeline.params`` (``unet``, ``vae``,
     ``text_encoder``); required unless ``base_only``. ``pipeline`` and ``clip`` default to
-    ``config.model`` and ``config.eval.clip``. ``extra_sets`` are evaluated after the concept's
-    sets (``eval.sets`` does not filter them), e.g. a misspelling of the target with role
-    ``target_paraphrase``. Returns the report (schema in :mod:`ablate_jax.report`); the files
-    appear only once everything is measured, so a failed evaluation leaves the previous ones.
+    ``config.model`` and ``config.eval.clip``. The concept's sets include the misspellings of its
+    target when ``eval.misspelling``; ``extra_sets`` are evaluated after them (``eval.sets`` does
+    not filter them). Returns the report (schema in :mod:`ablate_jax.report`); the files appear
+    only once everything is measured, so a failed evaluation leaves the previous ones.
     """
     start = time.perf_counter()
+    config = resolve(config)
     if not base_only and ablated_params is None:
         raise EvalError("no ablated parameters to evaluate; pass ablated_params or base_only=True")
     e = config.eval
@@ -407,6 +408,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     errors: tuple[type[BaseException], ...] = (ValueError, OSError)
     try:
         config, workdir, base_only, progress = _parse(list(sys.argv if argv is None else argv))
+        from ablate_jax import preflight  # noqa: PLC0415
+
+        config = resolve(config)
+        preflight.check_run(config, workdir, stages=("eval",))
         pipeline = ablated = None
         if not base_only:
             try:

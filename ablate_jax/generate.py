@@ -50,12 +50,13 @@ from tqdm.auto import tqdm
 
 from ablate_jax import distributed, sampling, sharding, storage
 from ablate_jax.concepts import Concept, ConceptError
-from ablate_jax.config import ANCHOR_KEYS, ConfigError, anchor_sampling, concept_from_config, fingerprint
+from ablate_jax.config import ANCHOR_KEYS, ConfigError, anchor_sampling, concept_from_config, fingerprint, resolve
 from ablate_jax.models.loading import CLIP, ModelLoadError, Pipeline, load_clip, load_pipeline
 from ablate_jax.toy import is_toy_world
 
 __all__ = [
-    "AnchorError", "AnchorSource", "MemorizationMeasure", "anchors_dir", "clip_measure", "generate_anchors",
+    "AnchorError", "AnchorSource", "MemorizationMeasure", "anchors_dir", "check_existing", "clip_measure",
+    "generate_anchors",
     "main", "memorization_measure", "open_anchors", "shard_name",
 ]
 
@@ -233,6 +234,13 @@ def _check_workdir(out: Path, identity: dict[str, Any]) -> dict[str, Any] | None
         raise AnchorError(f"{out} holds anchors of another run ({'; '.join(diffs)}); "
                           f"use another --workdir or delete {out}")
     return record
+
+
+def check_existing(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> None:
+    """Refuses a workdir that holds anchors of another run (or files that are no anchor set); writes nothing."""
+    config = resolve(config)
+    concept, _ = _validate(config)
+    _check_workdir(anchors_dir(workdir), _identity(config, concept))
 
 
 def _is_complete(out: Path, plan: _Plan, record: dict[str, Any] | None) -> bool:
@@ -546,6 +554,7 @@ def generate_anchors(config: ml_collections.ConfigDict, workdir: str | os.PathLi
     process in this call.
     """
     t0 = time.perf_counter()
+    config = resolve(config)
     concept, cfg = _validate(config)
     out = anchors_dir(workdir)
     plan = _Plan(config.anchors.num_images, config.anchors.shard_size, concept.usable_anchor_prompts(), config.seed)
@@ -666,7 +675,7 @@ def open_anchors(workdir: str | os.PathLike) -> AnchorSource:
 
 # ------------------------------------------------------------------------------------------------ CLI
 
-_ERRORS = (AnchorError, ConceptError, ConfigError, ModelLoadError)
+_ERRORS = (AnchorError, ConceptError, ConfigError, ModelLoadError, ValueError, OSError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -687,6 +696,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("absl").setLevel(logging.ERROR)  # TFDS's notes on reading its own metadata
     try:
         config, workdir = cli.parse(fv, argv, AnchorError)
+        from ablate_jax import preflight  # noqa: PLC0415
+
+        config = resolve(config)
+        preflight.check_run(config, workdir, stages=("anchors",))
         summary = generate_anchors(config, workdir, progress=fv.progress)
     except _ERRORS as err:
         print(f"error: {cli.one_line(err)}", file=sys.stderr)

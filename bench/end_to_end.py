@@ -48,7 +48,9 @@ def main() -> None:
     spec = importlib.util.spec_from_file_location("bench_config", args.config)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    config = module.get_config(args.arg)
+    from ablate_jax.config import resolve  # noqa: PLC0415
+
+    config = resolve(module.get_config(args.arg))
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         report = train.run(config, Path(tmp) / "run", progress=False)
@@ -78,7 +80,7 @@ def run_reference(config) -> tuple[dict[str, float], list[float]]:
 
     import torch  # noqa: PLC0415
 
-    from ablate_jax import evaluate, train  # noqa: PLC0415
+    from ablate_jax import evaluate  # noqa: PLC0415
     from ablate_jax.config import concept_from_config  # noqa: PLC0415
     from ablate_jax.models.loading import resolve_path  # noqa: PLC0415
 
@@ -88,7 +90,7 @@ def run_reference(config) -> tuple[dict[str, float], list[float]]:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     concept = concept_from_config(config)
     n = int(config.eval.num_images)
-    sets = [*concept.eval_sets, *train.misspelled_sets(config, concept)]
+    sets = list(concept.eval_sets)  # misspellings of the target included
     eval_sets = [(evaluate.set_prompts(s, n), evaluate.toy_phrase(s.concept) if config.eval.clip == "toy"
                   else s.concept) for s in sets]
     import jax  # noqa: PLC0415

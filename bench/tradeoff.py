@@ -3,10 +3,10 @@ the preservation term, on the toy world's default concept (smiley -> circle).
 
     python bench/tradeoff.py [--lrs 1e-4,3e-4,1e-3] [--steps 100,300] [--out tradeoff]
 
-Every run shares one anchor set. For each learning rate and preservation weight (0 and the
-default's), one workdir trains to each step count in turn (a longer run resumes the shorter
-one's checkpoint) and is evaluated there on the target (smiley), the preserved sibling
-(frowny) and the held-out siblings (winky, gaspy). Writes OUT/tradeoff.json and
+Every run shares one anchor set. For each learning rate, preservation weight (0 and the
+default's) and step count, a workdir of its own trains from the pretrained model and is
+evaluated on the target (smiley), the preserved sibling (frowny) and the held-out siblings
+(winky, gaspy). Writes OUT/tradeoff.json and
 OUT/tradeoff.png (needs matplotlib: pip install -e '.[bench]').
 """
 
@@ -40,6 +40,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from ablate_jax import generate, train
+    from ablate_jax.config import resolve
     from ablate_jax.models import load_pipeline
 
     lrs = [float(x) for x in args.lrs.split(",")]
@@ -47,7 +48,7 @@ def main() -> None:
     # The frowny alone is preserved (the preset also keeps the winky), so that two face
     # siblings stay held out for the retention axis.
     common = f"eval.sets={SETS},eval.misspelling=False,export.enabled=False,preserve.concepts=frowny"
-    weight = args.weight if args.weight is not None else float(load_config(common).preserve.weight)
+    weight = args.weight if args.weight is not None else float(resolve(load_config(common)).preserve.weight)
     pipe = load_pipeline("toy")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -57,9 +58,9 @@ def main() -> None:
         generate.generate_anchors(load_config(common), anchors, pipeline=pipe, progress=False)
         for w in (0.0, weight):
             for lr in lrs:
-                workdir = Path(tmp) / f"w{w}-lr{lr}"
-                shutil.copytree(anchors / "anchors", workdir / "anchors")
                 for n in steps:
+                    workdir = Path(tmp) / f"w{w}-lr{lr}-n{n}"
+                    shutil.copytree(anchors / "anchors", workdir / "anchors")
                     config = load_config(f"{common},train.steps={n},train.learning_rate={lr},preserve.weight={w}")
                     report = train.run(config, workdir, pipeline=pipe, progress=False)
                     acc = {k: v["clip_accuracy"] for k, v in report["sets"].items()}

@@ -1,7 +1,8 @@
 """Every UNet weight, for memorized images, with prior preservation.
 
-The memorized caption is mapped to what its paraphrases draw; the prior term keeps the
-paraphrases themselves unchanged.
+The memorized caption is mapped to what its paraphrases draw; the prior term (``prior_weight``,
+resolved to 1 for this group) keeps the paraphrases themselves unchanged, and a memorized image is
+trained on as drawn (no rescale augmentation).
 
     python -m ablate_jax.train --config=configs/full.py
     python -m ablate_jax.train --config=configs/full.py:model=/data/stable-diffusion-v1-4,concept.target="..."
@@ -17,6 +18,4 @@ def get_config(arg: str | None = None):
     c = base_config()
     c.params = "full"
     c.concept.preset = "toy_memorized"
-    c.prior_weight = 1.0
-    c.train.rescale = False
     return finalize(c, arg)

@@ -248,7 +248,7 @@ def test_base_only_from_the_command_line(toy, tmp_path, monkeypatch, capsys):
 
 @pytest.mark.parametrize("args, message", [
     (["--config=configs/xattn.py", "--base_only"], "--workdir is required"),
-    (["--config=configs/xattn.py", "--config.eval.sets=nope", "--base_only"], "unknown evaluation set 'nope'"),
+    (["--config=configs/xattn.py", "--config.eval.sets=nope", "--base_only"], "eval.sets names 'nope'"),
     (["--config=configs/xattn.py:nope=1", "--base_only"], "unknown config key 'nope'"),
     (["--config=configs/missing.py", "--base_only"], "does not exist"),
 ])

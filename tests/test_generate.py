@@ -198,10 +198,10 @@ def test_processes_write_disjoint_shards_of_the_same_dataset(reference, pipe, me
 @pytest.mark.parametrize("case, expected", [
     ("empty_prompts", "has no prompts"),
     ("anchor_absent", "the anchor word 'zebra' appears in none of the"),
-    ("zero_images", "anchors.num_images must be positive, got 0"),
-    ("negative_images", "anchors.num_images must be positive, got -4"),
-    ("zero_shard_size", "anchors.shard_size must be positive, got 0"),
-    ("unknown_key", "unknown config key 'bogus' in --config.anchors.bogus"),
+    ("zero_images", "anchors.num_images must be a positive integer, got 0"),
+    ("negative_images", "anchors.num_images must be a positive integer, got -4"),
+    ("zero_shard_size", "anchors.shard_size must be a positive integer, got 0"),
+    ("unknown_key", "unknown config key 'anchors.bogus' (from --config.anchors.bogus=1)"),
 ])
 def test_bad_input_is_one_clear_line_and_writes_nothing(case, expected, tmp_path, capsys):
     empty = tmp_path / "empty.txt"
@@ -237,10 +237,12 @@ def test_workdir_of_another_run_is_refused_and_left_alone(reference, tmp_path, c
 
 
 def test_memorized_images_are_dropped_and_counted(pipe, mesh1, tmp_path, caplog):
-    # Half the prompts are the memorized caption itself, so the toy model reproduces the
-    # memorized image for them; the paraphrase draws something else.
+    # Half the anchor images are of the memorized caption itself, so the toy model reproduces the
+    # memorized image for them; the paraphrase draws something else. (The third prompt is set
+    # aside for evaluation.)
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text(f"{world.MEMORIZED_CAPTION}\nan orange star on a dark wavy background\n")
+    prompts.write_text(f"{world.MEMORIZED_CAPTION}\nan orange star on a dark wavy background\n"
+                       "an orange star against waves\n")
     config = make_config(**{"concept.preset": "toy_memorized", "concept.anchor_prompts": str(prompts),
                             "anchors.num_images": 16})
     with caplog.at_level("INFO", logger="ablate_jax"):

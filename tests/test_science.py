@@ -43,7 +43,7 @@ def test_style_ablation_turns_striped_backgrounds_plain(style_run):
     assert style_run["sets"]["striped"]["anchor_rate"]["ablated"] >= 0.80
     plain = _acc(style_run, "plain")
     assert abs(plain["ablated"] - plain["base"]) <= TOLERANCE
-    assert "striped_misspelled" in style_run["sets"]
+    assert "striped_misspelled_doubled" in style_run["sets"]
 
 
 def test_style_ablation_keeps_the_other_backgrounds(style_run):
@@ -67,7 +67,9 @@ def test_embedding_run_removes_the_target_and_nothing_else(tmp_path_factory):
     acc = _acc(report, "smiley")
     assert acc["base"] >= 0.85 and acc["ablated"] <= 0.10
     # Only the target's token rows moved: prompts without it draw exactly what they drew before.
-    for name in ("circle", "frowny", "winky", "gaspy", "star", "square", "smiley_paraphrase", "smiley_misspelled"):
+    misspelled = [n for n in report["sets"] if n.startswith("smiley_misspelled_")]
+    assert len(misspelled) == 4
+    for name in ("circle", "frowny", "winky", "gaspy", "star", "square", "smiley_paraphrase", *misspelled):
         assert report["sets"][name]["kid"] == 0.0, name
         assert _acc(report, name)["ablated"] == _acc(report, name)["base"], name
 
