@@ -1,9 +1,11 @@
-"""Orbax checkpoints of a run's trainable state, guarded against mixing runs in one workdir.
+"""Orbax checkpoints of a run's trainable state, verified on restore and guarded against mixing runs.
 
 ``workdir/checkpoints/`` holds an orbax ``CheckpointManager`` directory (per step: the train
-state, i.e. trainable parameters, optimizer state and step, plus a small JSON with the data
-position) and ``run.json``, the fingerprint of the config fields the state depends on. A
-workdir whose fingerprint differs from the config is refused instead of resumed.
+state, i.e. trainable parameters, optimizer state and step; a small JSON with the data
+position; and the state's checksums) and ``run.json``, the fingerprint of the config fields the
+state depends on. A workdir whose fingerprint differs from the config is refused instead of
+resumed, and a checkpoint whose restored values do not match the checksums written with them
+is refused as damaged.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from ablate_jax.models.loading import Pipeline
 
 TRAIN_KEYS = config_lib.ANCHOR_KEYS + (
     "dtype", "params", "loss", "teacher", "prior_weight", "preserve", "stop_sot_kv_grad",
-    "train.batch_size", "train.learning_rate", "train.weight_decay", "train.clip_norm", "train.flip", "train.rescale",
+    "train.steps", "train.batch_size", "train.learning_rate", "train.weight_decay", "train.clip_norm", "train.flip",
+    "train.rescale",
 )
 
 
@@ -42,9 +45,14 @@ def check_fingerprint(config: ml_collections.ConfigDict, workdir: str | os.PathL
     path = checkpoints_dir(workdir) / "run.json"
     ours = config_lib.fingerprint(config, *TRAIN_KEYS)
     if path.exists():
-        theirs = json.loads(path.read_text())
+        try:
+            theirs = json.loads(path.read_text())
+            theirs["hash"], theirs["fields"].get  # noqa: B018  (the record's shape)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{path} is unreadable ({type(e).__name__}); use a new --workdir") from e
         if theirs["hash"] != ours["hash"]:
-            diff = sorted(k for k in ours["fields"] if theirs["fields"].get(k) != ours["fields"][k])
+            mine = json.loads(json.dumps(ours["fields"], default=str))  # tuples read back as lists
+            diff = sorted(k for k in mine if theirs["fields"].get(k) != mine[k])
             raise CheckpointError(
                 f"{checkpoints_dir(workdir)} holds checkpoints of another run (differs in {', '.join(diff) or 'fields'}); "
                 "use a new --workdir"
@@ -59,21 +67,69 @@ def manager(workdir: str | os.PathLike, max_to_keep: int = 2) -> ocp.CheckpointM
     return ocp.CheckpointManager(checkpoints_dir(workdir), options=options)
 
 
+def _leaf_checksum(x: jax.Array) -> jax.Array:
+    """Two wrapping uint32 sums of a leaf's bits: plain, and weighted by position.
+
+    Integer sums are exact in any order, so the result does not depend on how the leaf is
+    sharded or how XLA splits the reduction; a change of any one value changes the plain sum, and
+    the weighted one sees values moved between positions.
+    """
+    x = jnp.asarray(x)
+    if x.dtype == jnp.bool_:
+        bits = x.astype(jnp.uint32)
+    else:
+        width = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]
+        bits = jax.lax.bitcast_convert_type(x, width).astype(jnp.uint32)
+    bits = bits.reshape(-1)
+    weights = jnp.arange(bits.size, dtype=jnp.uint32) * jnp.uint32(2654435761) + jnp.uint32(1)
+    return jnp.stack([jnp.sum(bits, dtype=jnp.uint32), jnp.sum(bits * weights, dtype=jnp.uint32)])
+
+
+@jax.jit
+def _checksums_fn(tree: Any) -> Any:
+    return jax.tree.map(_leaf_checksum, tree)
+
+
+def checksums(state: Any) -> dict[str, list[int]]:
+    """Per leaf of ``state`` (by its path), the two sums of :func:`_leaf_checksum`."""
+    sums = jax.tree_util.tree_flatten_with_path(_checksums_fn(state))[0]
+    return {jax.tree_util.keystr(path): [int(v) for v in sharding.to_host(s)] for path, s in sums}
+
+
 def save(mngr: ocp.CheckpointManager, step: int, state: Any, data_position: dict[str, int]) -> None:
-    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_position)),
+    """Saves ``state``, the data position and the state's checksums as one checkpoint of ``step``."""
+    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_position),
+                                            checksum=ocp.args.JsonSave(checksums(state))),
               force=True)
 
 
 def restore(mngr: ocp.CheckpointManager, abstract_state: Any, step: int | None = None) -> tuple[Any, dict[str, int]]:
-    """The state (laid out like ``abstract_state``, shardings included) and data position of a step."""
+    """The state (laid out like ``abstract_state``, shardings included) and data position of a step.
+
+    The restored values are checked against the checksums saved with them; a damaged or
+    incomplete checkpoint raises :class:`CheckpointError` naming it and the way out.
+    """
     step = mngr.latest_step() if step is None else step
     if step is None:
         raise CheckpointError(f"no checkpoint in {mngr.directory}")
+    where = f"checkpoint {step} in {mngr.directory}"
+    way_out = (f"delete {mngr.directory}/{step} to resume from the checkpoint before it, or start again with a new "
+               "--workdir")
     try:
         out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                                         data=ocp.args.JsonRestore()))
-    except (ValueError, KeyError, FileNotFoundError) as e:
-        raise CheckpointError(f"checkpoint {step} in {mngr.directory} cannot be restored: {e}") from e
+                                                         data=ocp.args.JsonRestore(),
+                                                         checksum=ocp.args.JsonRestore()))
+    except Exception as e:  # noqa: BLE001  (orbax and tensorstore raise many kinds for one damaged file)
+        reason = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+        raise CheckpointError(f"{where} cannot be restored ({type(e).__name__}: {reason[:200]}); {way_out}") from e
+    saved = out["checksum"]
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{where} has no checksum; {way_out}")
+    actual = checksums(out["state"])
+    bad = sorted(k for k in set(saved) | set(actual) if saved.get(k) != actual.get(k))
+    if bad:
+        raise CheckpointError(f"{where} is damaged: {len(bad)} of its arrays do not match the checksums saved with "
+                              f"them (first: {bad[0]}); {way_out}")
     return out["state"], dict(out["data"])
 
 
@@ -96,6 +152,7 @@ def selection_for(config: ml_collections.ConfigDict, pipeline: Pipeline, concept
 def restore_ablated_params(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
                            pipeline: Pipeline) -> dict[str, Any]:
     """The pipeline's parameters with the latest checkpoint's trainable leaves written in."""
+    config = config_lib.resolve(config)
     check_fingerprint(config, workdir, write=False)
     if not checkpoints_dir(workdir).is_dir():
         raise CheckpointError(f"no checkpoint in {checkpoints_dir(workdir)}; train first")
@@ -115,7 +172,7 @@ def restore_ablated_params(config: ml_collections.ConfigDict, workdir: str | os.
 
 
 def optimizer_for(config: ml_collections.ConfigDict):
-    t = config.train
+    t = config_lib.resolve(config).train
     return params_lib.optimizer(t.learning_rate, weight_decay=t.weight_decay, clip_norm=t.clip_norm)
 
 

@@ -19,9 +19,10 @@
   source model's tensor. For the ``embedding`` group only the trained rows are stored:
   ``NAME@rows`` (``[k, hidden]``) and ``NAME@row_ids`` (int64 ``[k]``, the token ids); every
   other row of the matrix is the base model's. String metadata (see :data:`DELTA_MARKER`):
-  ``base_model``, ``base_model_path``, ``base_sha256`` and ``base_tensors_sha256`` (the hashes
-  of exactly the base values the delta replaces, see :func:`tensor_sha256`), ``params_group``,
-  ``concept``, ``config_hash``, ``config`` and ``checkpoint_step``.
+  ``base_model``, ``base_model_path``, ``base_manifest`` (for every tensor of every component
+  the delta touches, not only the replaced ones: its dtype and the sha256 of its bytes),
+  ``base_sha256`` (one hash over that manifest), ``params_group``, ``concept``, ``config_hash``,
+  ``config`` and ``checkpoint_step``.
 - ``export.json``: the checkpoint step, config hash and hashes above, used to recognise an
   export that is already done.
 
@@ -31,9 +32,10 @@ run (config hash and checkpoint step, and trained values when they are passed in
 of another run is replaced only with ``overwrite``.
 
 Applying a delta: :func:`apply_delta` (JAX params) and :func:`apply_delta_torch` (a loaded
-diffusers ``StableDiffusionPipeline``, in place). Both first check that the tensors about to be
-replaced hash to ``base_tensors_sha256``, so a delta is never applied to a base it was not
-computed from.
+diffusers ``StableDiffusionPipeline``, in place). Both first check the whole base against the
+manifest, so a delta is never applied to a base it was not computed from, even one that differs
+only in a tensor the delta does not replace; a base held in a narrower dtype than the one the
+delta was made from (a float16 pipeline for a float32 delta) is refused as such.
 """
 
 from __future__ import annotations
@@ -70,7 +72,7 @@ PIPELINE_DIR = "pipeline"
 DELTA_FILE = "delta.safetensors"
 RECORD_FILE = "export.json"
 DELTA_MARKER = "ablate_jax.delta"  # metadata key whose presence marks our delta files; value: format version
-DELTA_VERSION = "1"
+DELTA_VERSION = "2"
 ROWS = "@rows"  # suffix of a delta tensor holding some rows of a base matrix ...
 ROW_IDS = "@row_ids"  # ... and of the int64 tensor naming those rows
 
@@ -159,21 +161,55 @@ def _entries(tensors: Mapping[str, np.ndarray]) -> list[tuple[str, str, np.ndarr
     return out
 
 
-def _base_hashes(meta: Mapping[str, str]) -> dict[str, str]:
+def identity_name(component: str, name: str) -> str:
+    """``component.name`` with the text encoder's optional ``text_model.`` level dropped (files differ in it)."""
+    if component == "text_encoder" and name.startswith("text_model."):
+        name = name[len("text_model."):]
+    return f"{component}.{name}"
+
+
+def _dtype_name(dtype: Any) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def manifest_entry(value: np.ndarray) -> str:
+    """``dtype:sha256`` of a tensor's raw C-order bytes (its shape is left out: a 1x1 convolution and
+    the same kernel held as a matrix have the same bytes)."""
+    value = np.require(value, requirements="C")
+    return f"{_dtype_name(value.dtype)}:{hashlib.sha256(value.tobytes()).hexdigest()}"
+
+
+def _manifest(meta: Mapping[str, str]) -> dict[str, str]:
     try:
-        return dict(json.loads(meta["base_tensors_sha256"]))
+        manifest = json.loads(meta["base_manifest"])
     except (KeyError, ValueError) as e:
-        raise ExportError("the delta has no readable base_tensors_sha256 in its metadata") from e
+        raise ExportError("the delta has no readable base_manifest in its metadata") from e
+    if not isinstance(manifest, dict) or not manifest:
+        raise ExportError("the delta's base_manifest is empty")
+    return manifest
 
 
-def _check_base(name: str, base_value: np.ndarray, expected: str | None, meta: Mapping[str, str]) -> None:
-    if expected is None:
-        raise ExportError(f"the delta's metadata has no base hash for {name}")
-    if tensor_sha256(base_value) != expected:
-        raise ExportError(
-            f"the delta was made for another base model: {name} differs from the base it replaces "
-            f"(delta base: {meta.get('base_model', '?')}); pass base_identity_check=False to apply it anyway"
-        )
+def _check_identity(manifest: Mapping[str, str], base: Mapping[str, Any], as_numpy: Any, meta: Mapping[str, str]) -> None:
+    """Checks ``base`` (identity name -> tensor) against the manifest: every tensor there, in a dtype that
+    holds the recorded one, with the recorded bytes. ``as_numpy(tensor, dtype_name)`` casts to that dtype."""
+    missing = [name for name in manifest if name not in base]
+    if missing:
+        raise ExportError(f"the base has no tensor {missing[0]}, which the delta's base has "
+                          f"({len(missing)} missing); the delta was made for another model ({meta.get('base_model', '?')})")
+    for name, entry in manifest.items():
+        want = entry.split(":", 1)[0]
+        have = _dtype_name(base[name].dtype)
+        if have != want and np.dtype(have).itemsize <= np.dtype(want).itemsize:
+            component = name.split(".", 1)[0]
+            raise ExportError(f"the base's {component} is held in {have} but the delta was made from {want} weights "
+                              f"({name}); load the base in {want} (torch_dtype=torch.{want}) and apply it there")
+    for name, entry in sorted(manifest.items()):
+        want = entry.split(":", 1)[0]
+        if manifest_entry(as_numpy(base[name], want)) != entry:
+            raise ExportError(
+                f"the delta was made for another base model: {name} differs from the base it was made from "
+                f"(delta base: {meta.get('base_model', '?')}); pass base_identity_check=False to apply it anyway"
+            )
 
 
 # ------------------------------------------------------------------------------------------------ applying deltas
@@ -183,12 +219,18 @@ def apply_delta(params: Mapping[str, Any], delta_path: str | os.PathLike, *,
                 base_identity_check: bool = True) -> dict[str, Any]:
     """``params`` (a pipeline tree ``{"unet", "vae", "text_encoder"}``) with a delta written in.
 
-    Refuses with :class:`ExportError` (before changing anything) when a tensor to be replaced
-    does not hash to the delta's recorded base, unless ``base_identity_check`` is False. The
-    leaves the delta does not touch are returned as they are; ``params`` is not modified.
+    Refuses with :class:`ExportError` (before changing anything) when any tensor of a component
+    the delta touches differs from the base the delta was made from, unless
+    ``base_identity_check`` is False. The leaves the delta does not touch are returned as they
+    are; ``params`` is not modified.
     """
     tensors, meta = read_delta(delta_path)
-    hashes = _base_hashes(meta) if base_identity_check else {}
+    if base_identity_check:
+        manifest = _manifest(meta)
+        components = {name.split(".", 1)[0] for name in manifest}
+        base = {identity_name(c, k): v for c in sorted(components) if c in params
+                for k, v in flax_to_torch(params[c]).items()}
+        _check_identity(manifest, base, lambda v, dtype: np.asarray(v).astype(np.dtype(dtype)), meta)
     flat = params_lib.flatten(params)
     by_torch_name = {}
     for path in flat:
@@ -208,10 +250,6 @@ def apply_delta(params: Mapping[str, Any], delta_path: str | os.PathLike, *,
             base_torch = base_torch[rows]
         if base_torch.size != value.size:
             raise ExportError(f"{full}: the delta's shape {value.shape} does not fit the parameter's {base_torch.shape}")
-        base_torch = base_torch.reshape(value.shape).astype(value.dtype)
-        if base_identity_check:
-            _check_base(full + (ROWS if rows is not None else ""), base_torch,
-                        hashes.get(full + (ROWS if rows is not None else "")), meta)
         if rows is not None:
             new = leaf.copy()
             new[rows] = value.astype(leaf.dtype)
@@ -232,12 +270,26 @@ def apply_delta(params: Mapping[str, Any], delta_path: str | os.PathLike, *,
 def apply_delta_torch(pipe: Any, delta_path: str | os.PathLike, *, base_identity_check: bool = True) -> Any:
     """Writes a delta into a loaded diffusers pipeline (``pipe.unet``, ``pipe.text_encoder``) in place.
 
-    The same base check as :func:`apply_delta`; nothing is changed when it fails. Returns ``pipe``.
+    The same base check as :func:`apply_delta` (on the components' ``state_dict``); nothing is
+    changed when it fails. Returns ``pipe``.
     """
     import torch  # noqa: PLC0415  (torch is needed only on the PyTorch side)
 
     tensors, meta = read_delta(delta_path)
-    hashes = _base_hashes(meta) if base_identity_check else {}
+    if base_identity_check:
+        manifest = _manifest(meta)
+        base: dict[str, Any] = {}
+        for component in sorted({name.split(".", 1)[0] for name in manifest}):
+            module = getattr(pipe, component, None)
+            if module is None or not isinstance(module, torch.nn.Module):
+                raise ExportError(f"the pipeline has no component {component!r}, which the delta changes")
+            base.update({identity_name(component, k): v.detach() for k, v in module.state_dict().items()})
+
+        def as_numpy(t: Any, dtype: str) -> np.ndarray:
+            t = t.to("cpu").to(getattr(torch, dtype)).contiguous()
+            return _torch_bytes_view(t, np.dtype(dtype))
+
+        _check_identity(manifest, base, as_numpy, meta)
     plan = []
     for component, name, value, rows in _entries(tensors):
         module = getattr(pipe, component, None)
@@ -254,11 +306,6 @@ def apply_delta_torch(pipe: Any, delta_path: str | os.PathLike, *, base_identity
             base = base[torch.from_numpy(rows)]
         if base.numel() != value.size:
             raise ExportError(f"{component}.{name}: the delta's shape {value.shape} does not fit {tuple(base.shape)}")
-        if base_identity_check:
-            key = f"{component}.{name}" + (ROWS if rows is not None else "")
-            want = torch.from_numpy(np.zeros((), value.dtype)).dtype
-            as_delta = base.to(want).reshape(value.shape).contiguous()
-            _check_base(key, _torch_bytes_view(as_delta, value.dtype), hashes.get(key), meta)
         plan.append((param, torch.from_numpy(value.copy()), rows))
     with torch.no_grad():
         for param, value, rows in plan:
@@ -349,12 +396,12 @@ def _copy_tree(src: epath.Path, dst: Path) -> None:
 
 
 def _write_component(src: epath.Path, dst: Path, trained: Mapping[str, tuple[np.ndarray, np.ndarray | None]],
-                     delta: dict[str, np.ndarray], base_hashes: dict[str, str], component: str) -> None:
+                     delta: dict[str, np.ndarray], manifest: dict[str, str], component: str) -> None:
     """Rewrites one trained component from its source files, replacing the trained tensors.
 
     ``trained``: canonical PyTorch name (within the component) -> (value in PyTorch layout,
-    row ids or None). Fills ``delta`` and ``base_hashes`` with the delta's tensors and the
-    hashes of the base values they replace, both under ``component.name``.
+    row ids or None). Fills ``delta`` with the delta's tensors (under ``component.name``) and
+    ``manifest`` with an entry for every tensor of the source component (:func:`manifest_entry`).
     """
     weight_files = loading._weight_files(src)  # noqa: SLF001  (the exact files the loader read)
     index = _weight_index(src)
@@ -377,6 +424,8 @@ def _write_component(src: epath.Path, dst: Path, trained: Mapping[str, tuple[np.
     remaining = dict(trained)
     for f in weight_files:
         tensors = _read_tensors(f)
+        for key, value in tensors.items():
+            manifest[identity_name(component, key)] = manifest_entry(value)
         available = set(tensors)
         changed = False
         for name in list(remaining):
@@ -391,7 +440,6 @@ def _write_component(src: epath.Path, dst: Path, trained: Mapping[str, tuple[np.
                 new_rows = value.astype(base.dtype)
                 if new_rows.shape != (len(rows), *base.shape[1:]):
                     raise ExportError(f"{component}.{name}: trained rows {new_rows.shape} do not fit {base.shape}")
-                base_hashes[delta_name + ROWS] = tensor_sha256(base[rows])
                 delta[delta_name + ROWS] = new_rows
                 delta[delta_name + ROW_IDS] = rows.astype(np.int64)
                 merged = base.copy()
@@ -402,7 +450,6 @@ def _write_component(src: epath.Path, dst: Path, trained: Mapping[str, tuple[np.
                     raise ExportError(f"{component}.{name}: trained shape {value.shape} does not fit {base.shape}")
                 # The source's shape and dtype: a 1x1 convolution trained as a dense kernel stays 4-d.
                 new = np.require(value.reshape(base.shape).astype(base.dtype), requirements="C")
-                base_hashes[delta_name] = tensor_sha256(base)
                 delta[delta_name] = new
                 tensors[key] = new
             changed = True
@@ -424,9 +471,10 @@ def export_run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
     and the workdir has no checkpoint. An existing export of the same run is returned unchanged;
     one of another run raises :class:`ExportError` unless ``overwrite`` (or ``config.export.overwrite``).
     """
+    config = config_lib.resolve(config)
     workdir = storage.path(workdir)
     final = workdir / EXPORT_DIR
-    overwrite = overwrite or bool(config.get("export", {}).get("overwrite", False))
+    overwrite = overwrite or bool(config.export.overwrite)
     fingerprint = _run_fingerprint(config)
     step = _checkpoint_step(config, workdir)
     if ablated_params is None and step is None:
@@ -448,6 +496,11 @@ def export_run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
     if ablated_params is None:
         ablated_params = checkpointing.restore_ablated_params(config, workdir, pipeline)
     trained = _trained_values(selection, ablated_params)
+    bad = next((k for k, v in sorted(trained.items()) if not np.all(np.isfinite(np.asarray(v, np.float32)))), None)
+    if bad is not None:
+        where = f"the checkpoint at step {step}" if step is not None else "the trained parameters"
+        raise ExportError(f"{where} holds NaN or infinite values ({bad}); it cannot be exported. Train again with "
+                          "a lower train.learning_rate in a new --workdir")
     trained_hash = _trained_sha256(trained)
     if existing is not None and _same_run(existing, fingerprint["hash"], step, trained_hash):
         log.info("already exported: %s (step %s, config %s)", final, step, fingerprint["hash"])
@@ -473,6 +526,17 @@ def export_run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
     finally:
         distributed.barrier("ablate_jax_export")
     return final
+
+
+def check_existing(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, overwrite: bool = False) -> None:
+    """Refuses, before any work, a workdir whose export belongs to another run (unless overwriting)."""
+    config = config_lib.resolve(config)
+    final = storage.path(workdir) / EXPORT_DIR
+    if overwrite or config.export.overwrite or not final.exists():
+        return
+    existing = _read_record(final)
+    if existing is None or existing.get("config_hash") != _run_fingerprint(config)["hash"]:
+        raise _exists_error(final, existing)
 
 
 def _exists_error(final: Path, existing: Mapping[str, Any] | None) -> ExportError:
@@ -531,12 +595,12 @@ def _write_export(out: Path, config: ml_collections.ConfigDict, pipeline: loadin
     pipe_dir = out / PIPELINE_DIR
     pipe_dir.mkdir()
     delta: dict[str, np.ndarray] = {}
-    base_hashes: dict[str, str] = {}
+    manifest: dict[str, str] = {}
     for entry in source.iterdir():
         if entry.name.startswith("."):
             continue
         if entry.name in by_component:
-            _write_component(entry, pipe_dir / entry.name, by_component[entry.name], delta, base_hashes, entry.name)
+            _write_component(entry, pipe_dir / entry.name, by_component[entry.name], delta, manifest, entry.name)
         elif entry.is_dir():
             _copy_tree(entry, pipe_dir / entry.name)
         else:
@@ -553,8 +617,8 @@ def _write_export(out: Path, config: ml_collections.ConfigDict, pipeline: loadin
         DELTA_MARKER: DELTA_VERSION,
         "base_model": str(config.model),
         "base_model_path": os.fspath(source),
-        "base_sha256": combined_sha256(base_hashes),
-        "base_tensors_sha256": json.dumps(base_hashes, sort_keys=True),
+        "base_sha256": combined_sha256(manifest),
+        "base_manifest": json.dumps(manifest, sort_keys=True),
         "params_group": selection.group,
         "concept": json.dumps(concept_info, sort_keys=True),
         "config_hash": fingerprint["hash"],
@@ -600,6 +664,12 @@ def main(argv: Sequence[str] | None = None) -> int:
               params_lib.ParamsError, ValueError, OSError)
     try:
         config, workdir, overwrite = _parse(list(sys.argv if argv is None else argv))
+        from ablate_jax import preflight  # noqa: PLC0415
+
+        config = config_lib.resolve(config)
+        if overwrite:
+            config.export.overwrite = True
+        preflight.check_run(config, workdir, stages=("export",))
         path = export_run(config, workdir, overwrite=overwrite)
     except errors as err:
         print(f"error: {cli.one_line(err)}", file=sys.stderr)

@@ -16,6 +16,7 @@ import functools
 import json
 import logging
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -28,10 +29,10 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from ablate_jax import checkpointing, distributed, losses, sampling, sharding, storage
+from ablate_jax import checkpointing, concepts, distributed, losses, preflight, sampling, sharding, storage
 from ablate_jax import config as config_lib
 from ablate_jax import params as params_lib
-from ablate_jax.concepts import Concept, ConceptError, EvalSet, misspell, replace_word
+from ablate_jax.concepts import Concept, ConceptError
 from ablate_jax.data import AnchorBatches
 from ablate_jax.models.loading import ModelLoadError, Pipeline, load_pipeline
 from ablate_jax.schedule import Schedule, add_noise, target
@@ -49,30 +50,27 @@ class TrainError(RuntimeError):
 # ------------------------------------------------------------------------------------------------ step
 
 
-def make_train_step(pipeline: Pipeline, selection: params_lib.Selection, loss_cfg: losses.LossConfig,
-                    tx: optax.GradientTransformation, *, seed: int, stop_sot_kv_grad: bool = True):
-    """``step(state, base, batch) -> (state, metrics)``, a pure function ready to jit.
+def make_objective(pipeline: Pipeline, selection: params_lib.Selection, loss_cfg: losses.LossConfig, *,
+                   stop_sot_kv_grad: bool = True, remat: str = "none"):
+    """``objective(trainable, base, batch, key) -> (loss, terms)``: the loss of one batch, a pure function.
 
     ``batch``: ``image`` [B, H, W, 3] in [-1, 1], ``mask`` [B, h, w, 1], ``target_ids``,
-    ``anchor_ids`` and (preservation) ``keep_ids`` [B, L]. Randomness (VAE posterior sample,
-    timesteps, noise) comes from ``fold_in(seed, step)`` and is split per example by its row, so
-    a resumed run draws exactly what an uninterrupted one would.
+    ``anchor_ids`` and (preservation) ``keep_ids`` [B, L]. ``key`` draws the VAE posterior
+    sample, the timesteps and the noise. The frozen teacher is ``base`` itself.
     """
     schedule = Schedule.from_config(pipeline.scheduler_config)
-    unet = pipeline.unet.clone(stop_sot_kv_grad=stop_sot_kv_grad)
+    unet = pipeline.unet.clone(stop_sot_kv_grad=stop_sot_kv_grad, remat=remat)
     vae, text = pipeline.vae, pipeline.text_encoder
     scale = pipeline.vae_scaling_factor
-    root = jax.random.key(seed)
 
     def encode_text(te_params, ids):
         return text.apply({"params": te_params}, ids).last_hidden_state
 
-    def step(state, base, batch):
-        key = jax.random.fold_in(root, state["step"])
+    def objective(trainable, base, batch, key):
         k_post, k_t, k_noise = jax.random.split(key, 3)
         mean, logvar = vae.apply({"params": base["vae"]}, batch["image"], method=vae.encode)
         z0 = (mean + jnp.exp(0.5 * logvar) * jax.random.normal(k_post, mean.shape, mean.dtype)).astype(jnp.float32)
-        z0 = z0 * scale
+        z0 = jax.lax.stop_gradient(z0 * scale)
         b = z0.shape[0]
         t = jax.random.randint(k_t, (b,), 0, schedule.num_train_timesteps)
         noise = jax.random.normal(k_noise, z0.shape, jnp.float32)
@@ -85,33 +83,49 @@ def make_train_step(pipeline: Pipeline, selection: params_lib.Selection, loss_cf
             prompt_ids["keep"] = batch["keep_ids"]
         names = list(prompt_ids)
         all_ids = jnp.concatenate([prompt_ids[n] for n in names])
-        base_states = dict(zip(names, jnp.split(encode_text(base["text_encoder"], all_ids), len(names)), strict=True))
+        base_states = jax.lax.stop_gradient(encode_text(base["text_encoder"], all_ids))
+        base_states = dict(zip(names, jnp.split(base_states, len(names)), strict=True))
 
-        def loss_fn(trainable):
-            student_params = selection.merge(base, trainable)
-            if selection.trains_text_encoder:
-                states = encode_text(student_params["text_encoder"], all_ids)
-                student_states = dict(zip(names, jnp.split(states, len(names)), strict=True))
-            else:
-                student_states = base_states
-            contexts = {
-                "student_target": student_states["target"],
-                "student_anchor": student_states["anchor"],
-                "anchor": base_states["anchor"],
-            }
-            if "keep" in names:
-                contexts["student_keep"] = student_states["keep"]
-                contexts["keep"] = base_states["keep"]
+        student_params = selection.merge(base, trainable)
+        if selection.trains_text_encoder:
+            states = encode_text(student_params["text_encoder"], all_ids)
+            student_states = dict(zip(names, jnp.split(states, len(names)), strict=True))
+        else:
+            student_states = base_states
+        contexts = {
+            "student_target": student_states["target"],
+            "student_anchor": student_states["anchor"],
+            "anchor": base_states["anchor"],
+        }
+        if "keep" in names:
+            contexts["student_keep"] = student_states["keep"]
+            contexts["keep"] = base_states["keep"]
 
-            def student(x, tt, ctx):
-                return unet.apply({"params": student_params["unet"]}, x, tt, ctx).astype(jnp.float32)
+        def student(x, tt, ctx):
+            return unet.apply({"params": student_params["unet"]}, x, tt, ctx).astype(jnp.float32)
 
-            def teacher(x, tt, ctx):
-                return unet.apply({"params": base["unet"]}, x, tt, ctx).astype(jnp.float32)
+        def teacher(x, tt, ctx):
+            return unet.apply({"params": base["unet"]}, x, tt, ctx).astype(jnp.float32)
 
-            return losses.ablation_loss(student, teacher, x_t, t, contexts, regress, mask, loss_cfg)
+        return losses.ablation_loss(student, teacher, x_t, t, contexts, regress, mask, loss_cfg)
 
-        (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    return objective
+
+
+def make_train_step(pipeline: Pipeline, selection: params_lib.Selection, loss_cfg: losses.LossConfig,
+                    tx: optax.GradientTransformation, *, seed: int, stop_sot_kv_grad: bool = True,
+                    remat: str = "none"):
+    """``step(state, base, batch) -> (state, metrics)``, a pure function ready to jit.
+
+    Randomness (VAE posterior sample, timesteps, noise) comes from ``fold_in(seed, step)`` and
+    is split per example by its row, so a resumed run draws exactly what an uninterrupted one would.
+    """
+    objective = make_objective(pipeline, selection, loss_cfg, stop_sot_kv_grad=stop_sot_kv_grad, remat=remat)
+    root = jax.random.key(seed)
+
+    def step(state, base, batch):
+        key = jax.random.fold_in(root, state["step"])
+        (loss, terms), grads = jax.value_and_grad(objective, has_aux=True)(state["params"], base, batch, key)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         new_state = {
             "step": state["step"] + 1,
@@ -125,9 +139,33 @@ def make_train_step(pipeline: Pipeline, selection: params_lib.Selection, loss_cf
     return step
 
 
+# The probe batch's randomness: a stream of its own, never one of the train steps'.
+PROBE_STREAM = 0x70726F62  # "prob" in ASCII
+
+
+@functools.lru_cache(maxsize=8)
+def compiled_probe(pipeline: Pipeline, selection: params_lib.Selection, loss_cfg: losses.LossConfig, seed: int,
+                   stop_sot_kv_grad: bool, remat: str, mesh: jax.sharding.Mesh):
+    """``probe(trainable, base, batch) -> (loss, all_finite)``: the objective of fixed draws, jitted.
+
+    Measured on the parameters about to be saved, it is what stands between a diverging update
+    and a checkpoint (see :func:`train`).
+    """
+    objective = make_objective(pipeline, selection, loss_cfg, stop_sot_kv_grad=stop_sot_kv_grad, remat=remat)
+    key = jax.random.fold_in(jax.random.key(seed), PROBE_STREAM)
+
+    def probe(trainable, base, batch):
+        loss, _ = objective(trainable, base, batch, key)
+        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(v)) for v in jax.tree.leaves(trainable)]))
+        return loss, finite
+
+    return jax.jit(probe, out_shardings=sharding.replicated(mesh))
+
+
 @functools.lru_cache(maxsize=8)
 def compiled_train_step(pipeline: Pipeline, selection: params_lib.Selection, loss_cfg: losses.LossConfig,
-                        clip_norm: float, seed: int, stop_sot_kv_grad: bool, mesh: jax.sharding.Mesh):
+                        clip_norm: float, seed: int, stop_sot_kv_grad: bool, mesh: jax.sharding.Mesh,
+                        remat: str = "none"):
     """The jitted train step, shared by runs in one process that use the same pipeline object and settings.
 
     The learning rate and weight decay are read from the train state (``params.optimizer``), so
@@ -138,7 +176,7 @@ def compiled_train_step(pipeline: Pipeline, selection: params_lib.Selection, los
     tx = params_lib.optimizer(1.0, weight_decay=0.0, clip_norm=clip_norm)
     state_sharding, base_sharding = state_shardings(pipeline, selection, tx, mesh)
     return jax.jit(
-        make_train_step(pipeline, selection, loss_cfg, tx, seed=seed, stop_sot_kv_grad=stop_sot_kv_grad),
+        make_train_step(pipeline, selection, loss_cfg, tx, seed=seed, stop_sot_kv_grad=stop_sot_kv_grad, remat=remat),
         in_shardings=(state_sharding, base_sharding, sharding.batch_sharded(mesh)),
         out_shardings=(state_sharding, sharding.replicated(mesh)),
         donate_argnums=(0,),
@@ -157,44 +195,31 @@ def state_shardings(pipeline: Pipeline, selection: params_lib.Selection, tx: opt
 
 @dataclasses.dataclass
 class RunContext:
-    config: ml_collections.ConfigDict
+    config: ml_collections.ConfigDict  # resolved
     workdir: storage.AnyPath
     pipeline: Pipeline
     concept: Concept
     mesh: jax.sharding.Mesh
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
-    """Checks that need no model, so bad input fails before anything is loaded or written."""
-    if config.train.steps <= 0:
-        raise TrainError(f"train.steps must be positive, got {config.train.steps}")
-    if config.train.batch_size <= 0:
-        raise TrainError(f"train.batch_size must be positive, got {config.train.batch_size}")
-    if config.train.learning_rate <= 0:
-        raise TrainError(f"train.learning_rate must be positive, got {config.train.learning_rate}")
-    if config.anchors.num_images <= 0:
-        raise TrainError(f"anchors.num_images must be positive, got {config.anchors.num_images}")
-    if config.params not in params_lib.GROUPS:
-        raise TrainError(f"unknown params group {config.params!r}; choose one of {', '.join(params_lib.GROUPS)}")
-    if config.dtype not in ("float32", "bfloat16"):
-        raise TrainError(f"dtype must be float32 or bfloat16, got {config.dtype!r}")
-    if config.mesh.fsdp < 1:
-        raise TrainError(f"mesh.fsdp must be at least 1, got {config.mesh.fsdp}")
-    loss_config(config).validate()
-
-
 def loss_config(config: ml_collections.ConfigDict) -> losses.LossConfig:
-    return losses.LossConfig(loss=config.loss, teacher=config.teacher, prior_weight=config.prior_weight,
-                             preserve_weight=config.preserve.weight)
+    return config_lib.loss_config(config)
 
 
 def train(ctx: RunContext, *, progress: bool = True) -> dict[str, Any]:
-    """Trains to ``train.steps`` (resuming from the latest checkpoint) and returns a summary."""
+    """Trains to ``train.steps`` (resuming from the latest checkpoint) and returns a summary.
+
+    Before each checkpoint the objective is measured on a fixed probe batch with the very
+    parameters being saved; a non-finite value, non-finite parameters, or a probe loss above
+    ``train.divergence_factor`` times its value before training stop the run without saving, so
+    every checkpoint on disk holds finite parameters that have not run away.
+    """
     from clu import metric_writers  # noqa: PLC0415  (imports TensorFlow; only training needs it)
 
     from ablate_jax import generate  # noqa: PLC0415
 
-    config, pipeline, concept, mesh = ctx.config, ctx.pipeline, ctx.concept, ctx.mesh
+    config = config_lib.resolve(ctx.config)
+    pipeline, concept, mesh = ctx.pipeline, ctx.concept, ctx.mesh
     n_dev = mesh.devices.size
     if config.train.batch_size % n_dev:
         raise TrainError(f"train.batch_size {config.train.batch_size} is not a multiple of the {n_dev} devices")
@@ -202,38 +227,39 @@ def train(ctx: RunContext, *, progress: bool = True) -> dict[str, Any]:
     selection = checkpointing.selection_for(config, pipeline, concept)
     tx = checkpointing.optimizer_for(config)
     loss_cfg = loss_config(config)
+    t = config.train
 
     batch_sharding = sharding.batch_sharded(mesh)
     state_sharding, base_sharding = state_shardings(pipeline, selection, tx, mesh)
     base = sharding.put(pipeline.params, base_sharding)
     # The state is donated to every step, so it must not share buffers with the base (on one
     # device, putting an array where it already is returns the same buffer).
-    trainable = jax.tree.map(jnp.copy, selection.split(pipeline.params))
-    state = sharding.put(checkpointing.initial_state(trainable, tx), state_sharding)
+    initial = selection.split(pipeline.params)
+    state = sharding.put(checkpointing.initial_state(jax.tree.map(jnp.copy, initial), tx), state_sharding)
     mngr = checkpointing.manager(ctx.workdir)
     start = 0
     if mngr.latest_step() is not None:
         state, position = checkpointing.restore(mngr, checkpointing.abstract_state(state, state_sharding))
         start = int(position["step"])
         log.info("resumed from the checkpoint at step %d", start)
-    steps = config.train.steps
+    steps = t.steps
     if start >= steps:
         log.info("training already reached step %d of %d; nothing to do", start, steps)
         return {"steps": start, "seconds": 0.0, "skipped": True, "trainable": selection.count(pipeline.params)}
 
     data = AnchorBatches(
         generate.open_anchors(ctx.workdir), concept, lambda p: sampling.tokenize(pipeline, p),
-        seed=config.seed, global_batch=config.train.batch_size, latent_factor=pipeline.vae_downsample,
-        flip=config.train.flip, rescale=config.train.rescale, with_keep=loss_cfg.needs_keep,
+        seed=config.seed, global_batch=t.batch_size, latent_factor=pipeline.vae_downsample,
+        flip=t.flip, rescale=t.rescale, with_keep=loss_cfg.needs_keep,
         process_index=jax.process_index(), process_count=jax.process_count(),
     )
-    t = config.train
     step_fn = compiled_train_step(pipeline, selection, loss_cfg, t.clip_norm, config.seed, config.stop_sot_kv_grad,
-                                  mesh)
+                                  mesh, t.remat)
+    probe_fn = compiled_probe(pipeline, selection, loss_cfg, config.seed, config.stop_sot_kv_grad, t.remat, mesh)
     writer = metric_writers.create_default_writer(
-        os.fspath(ctx.workdir / "logs"), just_logging=jax.process_index() > 0 or not config.train.tensorboard)
+        os.fspath(ctx.workdir / "logs"), just_logging=jax.process_index() > 0 or not t.tensorboard)
     log.info("training %s (%s scalars) for %d steps, global batch %d on %d devices%s",
-             config.params, f"{selection.count(pipeline.params):,}", steps, config.train.batch_size, n_dev,
+             config.params, f"{selection.count(pipeline.params):,}", steps, t.batch_size, n_dev,
              f" in {jax.process_count()} processes" if jax.process_count() > 1 else "")
     if sharding.fsdp_size(mesh) > 1:
         log.info("fsdp: parameters and optimizer state split over %d devices", sharding.fsdp_size(mesh))
@@ -242,13 +268,39 @@ def train(ctx: RunContext, *, progress: bool = True) -> dict[str, Any]:
         local = data.batch(step)
         return {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in local.items()}
 
-    def check(metrics: dict[str, Any], step: int) -> None:
+    def last_good() -> str:
+        mngr.wait_until_finished()  # the last save may still be writing; it is whole before the run stops
+        last = mngr.latest_step()
+        return f"step {last}" if last is not None else "none"
+
+    # The probe: the first batch with draws of its own, measured before training (from the
+    # pretrained parameters, so a resumed run measures the same reference) and before each save.
+    probe_batch = device_batch(0)
+    reference, _ = probe_fn(sharding.put(initial, state_sharding["params"]), base, probe_batch)
+    reference = float(sharding.to_host(reference))
+
+    probe_losses: dict[int, float] = {}
+
+    def check_saved(step: int) -> None:
+        loss, finite = (sharding.to_host(v) for v in probe_fn(state["params"], base, probe_batch))
+        loss = probe_losses[step] = float(loss)
+        why = None
+        if not bool(finite):
+            why = "the parameters became NaN or infinite"
+        elif not np.isfinite(loss):
+            why = "the loss with the new parameters is NaN or infinite"
+        elif loss > t.divergence_factor * max(reference, 1e-12):
+            why = (f"the loss with the new parameters is {loss:.3g}, over {t.divergence_factor:g} times its "
+                   f"{reference:.3g} before training")
+        if why:
+            raise TrainError(f"training diverged by step {step}: {why}; stopped without saving (last good "
+                             f"checkpoint: {last_good()}). Lower train.learning_rate or check the anchor images.")
+
+    def check_metrics(metrics: dict[str, Any], step: int) -> None:
         if int(metrics["nonfinite"]) > 0 or not np.isfinite(float(metrics["loss"])):
-            last = mngr.latest_step()
             raise TrainError(
                 f"the loss became NaN or infinite by step {step}; stopped without saving "
-                f"(last good checkpoint: {'step ' + str(last) if last is not None else 'none'}). "
-                "Lower train.learning_rate or check the anchor images."
+                f"(last good checkpoint: {last_good()}). Lower train.learning_rate or check the anchor images."
             )
 
     t0 = time.perf_counter()
@@ -261,20 +313,21 @@ def train(ctx: RunContext, *, progress: bool = True) -> dict[str, Any]:
         done = step + 1
         window_steps += 1
         bar.update(1)
-        log_now = done % config.train.log_every == 0 or done == steps
-        save_now = done % config.train.checkpoint_every == 0 or done == steps
+        log_now = done % t.log_every == 0 or done == steps
+        save_now = done % t.checkpoint_every == 0 or done == steps
         if log_now or save_now:
             m = jax.tree.map(sharding.to_host, metrics)
-            check(m, done)
+            check_metrics(m, done)
         if log_now:
             now = time.perf_counter()
             scalars = {k: float(v) for k, v in m.items() if k != "nonfinite"}
-            scalars |= {"learning_rate": config.train.learning_rate, "steps_per_sec": window_steps / (now - window_t)}
+            scalars |= {"learning_rate": t.learning_rate, "steps_per_sec": window_steps / (now - window_t)}
             writer.write_scalars(done, scalars)
             bar.set_postfix(loss=f"{scalars['loss']:.4f}")
             window_t, window_steps = now, 0
         if save_now:
-            checkpointing.save(mngr, done, state, {"step": done, "examples_seen": done * config.train.batch_size})
+            check_saved(done)
+            checkpointing.save(mngr, done, state, {"step": done, "examples_seen": done * t.batch_size})
         if delay:
             mngr.wait_until_finished()
             time.sleep(delay)
@@ -283,29 +336,36 @@ def train(ctx: RunContext, *, progress: bool = True) -> dict[str, Any]:
     writer.flush()
     seconds = time.perf_counter() - t0
     return {"steps": steps, "seconds": seconds, "skipped": False, "trainable": selection.count(pipeline.params),
-            "final_loss": float(sharding.to_host(metrics["loss"])) if metrics is not None else None}
+            "final_loss": float(sharding.to_host(metrics["loss"])) if metrics is not None else None,
+            "probe_loss": {"before": reference, **probe_losses}}
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, pipeline: Pipeline | None = None,
         progress: bool = True) -> dict[str, Any]:
     """The whole job; returns the evaluation report (or a summary when evaluation is off).
 
-    ``pipeline``: the model ``config.model`` names, already loaded (with ``config.dtype``). Runs
-    that share one pipeline object in a process also share its compiled programs.
+    The config is resolved (:func:`ablate_jax.config.resolve`) and every check of every stage
+    runs (:func:`ablate_jax.preflight.check_run`) before the first stage starts; the resolved
+    values are logged and written to ``WORKDIR/config.json``. ``pipeline``: the model
+    ``config.model`` names, already loaded (with ``config.dtype``). Runs that share one pipeline
+    object in a process also share its compiled programs.
     """
     from ablate_jax import evaluate, generate  # noqa: PLC0415
 
-    validate(config)
+    config, notes = config_lib.resolve_with_notes(config)
     workdir = storage.path(workdir)
+    preflight.check_run(config, workdir, model_loaded=pipeline is not None)
+    log.info("model %s (%s), params %s, loss %s, teacher %s", config.model, notes.family, config.params, config.loss,
+             config.teacher)
+    for line in notes.lines():
+        log.info("resolved: %s", line)
     concept = config_lib.concept_from_config(config)
     if pipeline is None:
         pipeline = load_pipeline(config.model, dtype=jnp.dtype(config.dtype))
-    if config.params == "embedding" and not params_lib.target_token_ids(pipeline.tokenizer, concept.targets,
-                                                                         concept.anchor):
-        raise TrainError(f"the target {concept.target!r} has no token of its own to train (all shared with the anchor)")
-    # Refuse a foreign workdir before generating anything into it.
-    checkpointing.check_fingerprint(config, workdir, write=False)
-    ctx = RunContext(config, workdir, pipeline, concept, make_mesh(config))
+    mesh = make_mesh(config)
+    if distributed.is_primary():
+        preflight.write_resolved(config, notes, workdir)
+    ctx = RunContext(config, workdir, pipeline, concept, mesh)
     timing: dict[str, float] = {}
 
     t = time.perf_counter()
@@ -316,17 +376,19 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, pipeli
     timing["train"] = time.perf_counter() - t
 
     report: dict[str, Any] = {}
+    ablated = None
+    if config.eval.enabled or config.export.enabled:
+        ablated = checkpointing.restore_ablated_params(config, workdir, pipeline)
     if config.eval.enabled:
         t = time.perf_counter()
-        ablated = checkpointing.restore_ablated_params(config, workdir, pipeline)
         report = evaluate.evaluate_run(config, workdir, ablated_params=ablated, pipeline=pipeline, mesh=ctx.mesh,
-                                       progress=progress, extra_sets=misspelled_sets(config, concept))
+                                       progress=progress)
         timing["eval"] = time.perf_counter() - t
     if config.export.enabled:
         from ablate_jax import export  # noqa: PLC0415
 
         t = time.perf_counter()
-        report["export"] = str(export.export_run(config, workdir, pipeline=pipeline))
+        report["export"] = str(export.export_run(config, workdir, pipeline=pipeline, ablated_params=ablated))
         timing["export"] = time.perf_counter() - t
     report["timing_s"] = {**report.get("timing_s", {}), **timing}
     if config.eval.enabled and jax.process_index() == 0:
@@ -343,36 +405,28 @@ def make_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
     return sharding.make_mesh(fsdp=fsdp)
 
 
-def misspelled_sets(config: ml_collections.ConfigDict, concept: Concept) -> tuple[EvalSet, ...]:
-    """The target set with a one-letter misspelling of the target (the paper's robustness check)."""
-    if not config.eval.misspelling or concept.kind == "memorization":
-        return ()
-    out = []
-    for s in concept.eval_sets:
-        if s.role != "target":
-            continue
-        target = concept.targets[0]
-        wrong = misspell(target)
-        prompts = tuple(replace_word(p, target, wrong) for p in s.prompts)
-        if prompts != s.prompts:
-            out.append(EvalSet(f"{s.name}_misspelled", "target_paraphrase", s.concept, prompts))
-    return tuple(out)
-
-
 # ------------------------------------------------------------------------------------------------ CLI
 
-_ERRORS = (TrainError, distributed.DistributedError, ConceptError, config_lib.ConfigError, ModelLoadError, checkpointing.CheckpointError,
-           params_lib.ParamsError, ValueError)
+_ERRORS = (TrainError, distributed.DistributedError, ConceptError, config_lib.ConfigError, ModelLoadError,
+           checkpointing.CheckpointError, params_lib.ParamsError, preflight.PreflightError, ValueError, OSError)
 
 
-def main(argv: list[str]) -> None:
+def main(argv: list[str] | None = None) -> int:
+    """``python -m ablate_jax.train --config=FILE[:key=value,...] [--workdir=DIR] [--config.KEY=VALUE ...]``.
+
+    Returns the exit status: 0, or 1 after printing one ``error:`` line.
+    """
     from absl import flags  # noqa: PLC0415
 
-    from ablate_jax import evaluate  # noqa: PLC0415
+    from ablate_jax import cli, evaluate  # noqa: PLC0415
 
-    del argv
-    config = flags.FLAGS.config
-    workdir = flags.FLAGS.workdir
+    argv = list(sys.argv if argv is None else argv)
+    fv = cli.flag_values(argv, "run directory (default: workdirs/<concept>-<params>-<time>)")
+    flags.DEFINE_bool("progress", True, "show progress bars (off under CI without a terminal)", flag_values=fv)
+    if any(a in ("-h", "--help", "--helpfull") for a in argv[1:]):
+        print(f"{__doc__.splitlines()[0]}\n\nusage: python -m ablate_jax.train --config=FILE[:key=value,...] "
+              f"[--workdir=DIR] [--config.KEY=VALUE ...]\n\n{fv.get_help()}")
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("ablate_jax").setLevel(logging.INFO)
     # orbax and TensorFlow report every read and write at INFO through absl; keep the log to our stages.
@@ -380,37 +434,42 @@ def main(argv: list[str]) -> None:
     for name in ("fsspec", "gcsfs"):  # a line per file opened on a bucket
         logging.getLogger(name).setLevel(logging.WARNING)
     try:
-        if distributed.initialize_from_flags() and not workdir:
+        config, workdir = cli.parse(fv, argv, TrainError, workdir_required=False)
+        if jax.process_count() > 1 and not workdir:
             # Each process would stamp its own time into the default name.
             raise TrainError("a multi-process run needs --workdir (a folder every process can reach)")
         workdir = workdir or str(Path("workdirs") / default_run_name(config))
-        report = run(config, workdir, progress=sys.stderr.isatty() or not os.environ.get("CI"))
+        progress = fv.progress and (sys.stderr.isatty() or not os.environ.get("CI"))
+        report = run(config, workdir, progress=progress)
     except _ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        from ablate_jax import cli as cli_lib  # noqa: PLC0415
+
+        print(f"error: {cli_lib.one_line(e)}", file=sys.stderr)
+        return 1
     if not distributed.is_primary():
-        return
+        return 0
     if "sets" in report:
         print(evaluate.format_table(report))
     print(json.dumps(report.get("timing_s", {}), indent=None))
     print(f"workdir: {storage.path(workdir)}")
+    return 0
+
+
+# A default workdir name keeps these characters of the concept's name, and at most this many.
+_NAME_CHARS = re.compile(r"[^A-Za-z0-9_-]+")
+_NAME_MAX = 48
 
 
 def default_run_name(config: ml_collections.ConfigDict) -> str:
-    name = config.concept.preset or config.concept.target.split(";")[0].replace(" ", "_")
-    return f"{name}-{config.params}-{time.strftime('%Y%m%d-%H%M%S')}"
+    """``CONCEPT-PARAMS-TIME``: a single folder name, whatever the target says ("../../x" or 500 words)."""
+    raw = config.concept.preset or concepts.parse_targets(config.concept.target or "run")[0]
+    name = _NAME_CHARS.sub("_", raw.replace(" ", "_")).strip("_-.")[:_NAME_MAX].strip("_-") or "run"
+    params = _NAME_CHARS.sub("_", str(config.params))[:16] or "params"
+    return f"{name}-{params}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def cli() -> None:
-    from absl import app, flags  # noqa: PLC0415
-    from ml_collections import config_flags  # noqa: PLC0415
-
-    config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/xattn.py[:concept=toy_smiley]",
-                                    lock_config=True)
-    flags.DEFINE_string("workdir", None, "run directory (default: workdirs/<concept>-<params>-<time>)")
-    distributed.define_flags()
-    flags.mark_flags_as_required(["config"])
-    app.run(main)
+    sys.exit(main())
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Stable Diffusion 1.x at full size on one accelerator: anchor images/s and train steps/s.
+"""Stable Diffusion 1.x at full size on one accelerator: anchor images/s, train steps/s and memory.
 
     bash bench/gpu.sh [OUT_DIR]              # on a machine with an NVIDIA GPU
     python bench/gpu.py --size=tiny --resolution=64 --batch=2 --sample-steps=2 --out=/tmp/g   # CPU check
@@ -11,6 +11,11 @@ Each figure comes with XLA's FLOP count of the program and the fraction of the c
 bfloat16 peak it reaches, and the device's peak memory. Attention goes through cuDNN's fused
 kernel where JAX offers it (``--attention=auto`` tries it and falls back to XLA's). The table is
 printed and written with the raw numbers to OUT_DIR (``gpu.md``, ``gpu.json``).
+
+``--memory=GROUP:REMAT`` instead runs that train step alone (bfloat16 compute, ``--batch``) and
+prints one JSON line with XLA's planned bytes and the device's peak bytes in use; ``bench/gpu.sh``
+runs it in a fresh process per setting, since a process's peak cannot be reset. Nothing here
+imports TensorFlow (``tensorflow_in_process`` in the JSON says so).
 """
 
 from __future__ import annotations
@@ -97,12 +102,12 @@ def bench_generation(pipe, count_pipe, mesh, args) -> dict:
             "unit": "img/s", "seconds": seconds, "flops": flops}
 
 
-def bench_train(pipe, count_pipe, mesh, group: str, args) -> dict:
+def bench_train(pipe, count_pipe, mesh, group: str, args, remat: str = "none") -> dict:
     selection = params_lib.selection(pipe.params, group)
     tx = params_lib.optimizer(1e-5, weight_decay=1e-2, clip_norm=1.0)
     loss_cfg = losses.LossConfig(loss="model_based", teacher="frozen", prior_weight=0.0, preserve_weight=0.0)
     rep, data = sharding.replicated(mesh), sharding.batch_sharded(mesh)
-    step = jax.jit(make_train_step(pipe, selection, loss_cfg, tx, seed=0), in_shardings=(rep, rep, data),
+    step = jax.jit(make_train_step(pipe, selection, loss_cfg, tx, seed=0, remat=remat), in_shardings=(rep, rep, data),
                    out_shardings=(rep, rep), donate_argnums=(0,))
     base = jax.device_put(pipe.params, rep)
     # A copy: the state is donated, and must not share buffers with the base.
@@ -122,10 +127,26 @@ def bench_train(pipe, count_pipe, mesh, group: str, args) -> dict:
         box["state"], metrics = step(box["state"], base, batch)
         return metrics["loss"]
 
+    memory = step.lower(box["state"], base, batch).compile().memory_analysis()
+    planned = (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
+               + memory.temp_size_in_bytes) / 2**30 if memory is not None else None
     seconds = timed(one, args.reps)
-    flops = estimate.train_step_flops(count_pipe, group, b, r)
-    return {"what": f"train step, {group} (batch {b})", "per_s": 1.0 / seconds, "unit": "steps/s",
-            "seconds": seconds, "flops": flops}
+    flops = estimate.train_step_flops(count_pipe, group, b, r) if count_pipe is not None else None
+    return {"what": f"train step, {group} (batch {b}{', remat ' + remat if remat != 'none' else ''})",
+            "per_s": 1.0 / seconds, "unit": "steps/s", "seconds": seconds, "flops": flops, "planned_gib": planned}
+
+
+def memory_run(args) -> None:
+    """One train step setting in this process: planned and peak bytes, as one JSON line."""
+    group, remat = args.memory.split(":")
+    device = jax.devices()[0]
+    mesh = sharding.make_mesh(jax.devices()[:1])
+    pipe = sd_shapes.pipeline(size=args.size, dtype=jnp.bfloat16, abstract=False,
+                              attention_implementation=pick_attention(args.attention))
+    row = bench_train(pipe, None, mesh, group, args, remat=remat)
+    row.update(group=group, remat=remat, batch=args.batch, peak_gib=peak_memory_gib(device),
+               tensorflow_in_process="tensorflow" in sys.modules)
+    print(json.dumps(row))
 
 
 def main() -> None:
@@ -138,7 +159,12 @@ def main() -> None:
     ap.add_argument("--attention", choices=("auto", "cudnn", "xla"), default="auto")
     ap.add_argument("--peak-tflops", type=float, default=None, help="the chip's dense bf16 peak (default: by kind)")
     ap.add_argument("--out", default="bench-gpu", help="folder for gpu.md and gpu.json")
+    ap.add_argument("--memory", default=None, help="GROUP:REMAT: measure that train step's memory alone")
+    ap.add_argument("--memory-rows", default=None, help="a file of --memory JSON lines to add to the table")
     args = ap.parse_args()
+    if args.memory:
+        memory_run(args)
+        return
 
     device = jax.devices()[0]
     mesh = sharding.make_mesh(jax.devices()[:1])
@@ -169,13 +195,26 @@ def main() -> None:
                      f"{row['tflops_per_s']:.3g} | {frac} |")
     lines += ["", f"peak device memory: {memory:.1f} GiB" if memory is not None else "peak device memory: not reported",
               f"chip peak used: {peak} TFLOP/s" if peak else "chip peak: unknown (pass --peak-tflops)"]
+    memory_rows = []
+    if args.memory_rows and Path(args.memory_rows).exists():
+        memory_rows = [json.loads(ln) for ln in Path(args.memory_rows).read_text().splitlines() if ln.startswith("{")]
+    if memory_rows:
+        lines += ["", f"train step memory, bfloat16 compute, batch {args.batch}, one process each:", "",
+                  "| group | remat | XLA planned (GiB) | device peak in use (GiB) | steps/s |", "|---|---|---|---|---|"]
+        for m in memory_rows:
+            planned = f"{m['planned_gib']:.2f}" if m.get("planned_gib") is not None else "n/a"
+            peak_in_use = f"{m['peak_gib']:.2f}" if m.get("peak_gib") is not None else "not reported"
+            lines.append(f"| {m['group']} | {m['remat']} | {planned} | {peak_in_use} | {m['per_s']:.3f} |")
+    lines.append(f"TensorFlow imported: {'yes' if 'tensorflow' in sys.modules else 'no'}")
     text = "\n".join(lines)
     print(text)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "gpu.md").write_text(text + "\n")
     (out / "gpu.json").write_text(json.dumps({"header": header, "rows": rows, "peak_tflops": peak,
-                                              "peak_memory_gib": memory, "args": vars(args)}, indent=1))
+                                              "peak_memory_gib": memory, "memory_rows": memory_rows,
+                                              "tensorflow_in_process": "tensorflow" in sys.modules,
+                                              "args": vars(args)}, indent=1))
     print(f"wrote {out / 'gpu.md'} and {out / 'gpu.json'}")
 
 

@@ -73,7 +73,7 @@ def torch_pipeline(path):
     return pipe
 
 
-def test_files_and_metadata(run):
+def test_files_and_metadata(run, toy_pipe):
     out, config, selection = run["out"], run["config"], run["selection"]
     assert out == run["workdir"] / "export"
     assert sorted(p.name for p in run["workdir"].iterdir()) == ["export"]  # no temporary folder left
@@ -89,8 +89,12 @@ def test_files_and_metadata(run):
     assert meta["checkpoint_step"] == "null" and meta["base_model"] == "toy"
     assert json.loads(meta["concept"])["targets"] == ["smiley"]
     assert json.loads(meta["config"]) == json.loads(json.dumps(fp["fields"], default=str))
-    hashes = json.loads(meta["base_tensors_sha256"])
-    assert meta["base_sha256"] == export.combined_sha256(hashes)
+    manifest = json.loads(meta["base_manifest"])
+    assert meta["base_sha256"] == export.combined_sha256(manifest)
+    # Every tensor of the component the delta touches is in the manifest, not only the replaced ones.
+    component = "text_encoder" if config.params == "embedding" else "unet"
+    assert {n.split(".", 1)[0] for n in manifest} == {component}
+    assert len(manifest) == len(params_lib.flatten(toy_pipe.params[component]))
     if config.params == "embedding":
         name = "text_encoder.text_model.embeddings.token_embedding.weight"
         assert sorted(tensors) == [name + "@row_ids", name + "@rows"]
@@ -99,7 +103,8 @@ def test_files_and_metadata(run):
     else:
         assert len(tensors) == len(selection.paths) == 14
         assert all(k.startswith("unet.") and k.endswith((".attn2.to_k.weight", ".attn2.to_v.weight")) for k in tensors)
-    assert set(hashes) == {k for k in tensors if not k.endswith("@row_ids")}
+    replaced = {export.identity_name(*k.removesuffix("@rows").split(".", 1)) for k in tensors if not k.endswith("@row_ids")}
+    assert replaced <= set(manifest)
 
 
 def test_untrained_tensors_are_bit_identical_to_the_source(run):
@@ -235,6 +240,37 @@ def test_a_delta_for_another_base_is_refused(run, toy_pipe):
         export.apply_delta(toy_pipe.params, SOURCE / "unet" / "diffusion_pytorch_model.safetensors")
 
 
+def test_a_base_that_differs_only_where_the_delta_does_not_write_is_refused(run, toy_pipe):
+    """One ResNet weight (UNet runs) or one position embedding (text encoder runs) changed, far from
+    anything the delta replaces: the delta's manifest covers the whole component."""
+    delta = run["out"] / "delta.safetensors"
+    flat = params_lib.flatten(toy_pipe.params)
+    embedding = run["config"].params == "embedding"
+    path = next(p for p in flat if (p.endswith("position_embedding/embedding") if embedding
+                                    else "resnets_0/conv1/kernel" in p))
+    flat[path] = np.asarray(flat[path]).copy()
+    flat[path].reshape(-1)[0] += 1e-3
+    with pytest.raises(ExportError, match=r"made for another base model: (unet|text_encoder)\.\S+ differs"):
+        export.apply_delta(params_lib.unflatten(flat), delta)
+
+    pipe = torch_pipeline(SOURCE)
+    module = pipe.text_encoder if embedding else pipe.unet
+    name = next(k for k in module.state_dict() if (k.endswith("position_embedding.weight") if embedding
+                                                   else "resnets.0.conv1.weight" in k))
+    with torch.no_grad():
+        module.get_parameter(name).view(-1)[0] += 1e-3
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    with pytest.raises(ExportError, match="made for another base model"):
+        export.apply_delta_torch(pipe, delta)
+    assert all(torch.equal(before[k], v) for k, v in module.state_dict().items())  # nothing written
+
+
+def test_a_base_in_a_narrower_dtype_is_refused_for_that_reason(run):
+    pipe = torch_pipeline(SOURCE).to(torch.float16)
+    with pytest.raises(ExportError, match=r"held in float16 but the delta was made from float32 weights"):
+        export.apply_delta_torch(pipe, run["out"] / "delta.safetensors")
+
+
 def test_an_existing_export_is_kept_refused_or_replaced(toy_pipe, tmp_path, caplog, monkeypatch):
     config = make_config("xattn")
     selection = checkpointing.selection_for(config, toy_pipe, config_lib.concept_from_config(config))
@@ -298,8 +334,8 @@ def test_command_line_exports_the_latest_checkpoint(toy_pipe, tmp_path, capsys):
     assert code == 1 and err.count("\n") == 1 and err.startswith("error: no checkpoint in"), err
 
     values = save_checkpoint(3, seed=4)
-    code, out, _ = cli()
-    assert code == 0 and "exported" in out
+    code, out, err = cli()
+    assert code == 0 and "exported" in out, err
     assert json.loads((tmp_path / "export" / "export.json").read_text())["checkpoint_step"] == 3
     applied = params_lib.flatten(export.apply_delta(toy_pipe.params, tmp_path / "export" / "delta.safetensors"))
     for path, value in values.items():

@@ -152,7 +152,9 @@ def test_the_bucket_holds_the_whole_run_and_nothing_is_written_beside_it(two_pro
     workdir, logs, cwd = two_processes
     root = storage.path(workdir)
     names = {p.name for p in root.iterdir()}
-    assert names == {"anchors", "checkpoints", "eval", "export"}, names
+    assert names == {"anchors", "checkpoints", "config.json", "eval", "export"}, names
+    resolved = json.loads((root / "config.json").read_text())
+    assert resolved["family"] == "toy" and resolved["config"]["train"]["steps"] == 4
     assert (root / "anchors" / "run.json").exists() and (root / "anchors" / "preview.png").exists()
     assert not (root / "anchors" / generate.TMP_DIR).exists()
     assert {"report.json", "report.md", "smiley.png"} <= {p.name for p in (root / "eval").iterdir()}
@@ -193,19 +195,20 @@ def test_a_rerun_on_the_bucket_finds_every_stage_done(two_processes, tmp_path):
 
 
 def test_a_dead_process_stops_the_others_with_a_clear_error(two_processes, tmp_path):
-    # Resume the finished 2-process run for many more steps, slowed down, and kill one process
-    # once it is training.
+    # Train on the finished 2-process run's anchors for many steps, slowed down, and kill one
+    # process once it is training.
     import fsspec
 
     workdir = tmp_path / "run"
-    fsspec.filesystem("gs").get(two_processes[0].removeprefix("gs://"), str(workdir), recursive=True)
+    fsspec.filesystem("gs").get(two_processes[0].removeprefix("gs://") + "/anchors", str(workdir / "anchors"),
+                                recursive=True)
     logs = tmp_path / "logs"
     logs.mkdir()
     procs = _launch(workdir, ARG.replace("train.steps=4", "train.steps=200"), logs,
                     {train.STEP_DELAY_ENV: "0.5"}, heartbeat_timeout=10)
     try:
         deadline = time.monotonic() + 300
-        while "resumed from the checkpoint at step 4" not in (logs / "process1.log").read_text():
+        while "for 200 steps" not in (logs / "process1.log").read_text():
             assert all(p.poll() is None for p in procs), (logs / "process0.log").read_text()[-3000:]
             assert time.monotonic() < deadline, "training never started"
             time.sleep(0.5)
@@ -297,7 +300,7 @@ def test_fsdp_matches_data_parallel(one_process, toy_pipe, tmp_path):
 
 
 def test_fsdp_that_does_not_divide_the_devices_is_refused(tmp_path, toy_pipe):
-    with pytest.raises(train.TrainError, match=r"mesh.fsdp=3 does not divide the 8 devices"):
+    with pytest.raises(ValueError, match=r"mesh.fsdp=3 does not divide the 8 devices"):
         train.run(xattn.get_config(ARG + ",mesh.fsdp=3"), tmp_path / "run", pipeline=toy_pipe, progress=False)
     assert not (tmp_path / "run").exists()
 

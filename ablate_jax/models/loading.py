@@ -92,15 +92,68 @@ def _weight_files(folder: epath.Path) -> list[epath.Path]:
     raise ModelLoadError(f"{folder} has no weights (*.safetensors)")
 
 
+# A safetensors header larger than this is not a header (the format's own limit is 100 MB).
+_MAX_HEADER = 100_000_000
+
+
+def check_safetensors(path: epath.Path) -> None:
+    """Reads only the header of a safetensors file and checks it against the file's size.
+
+    Raises :class:`ModelLoadError` naming the file for a missing file, a header that is not one,
+    and a file shorter than its header says (cut off while copying or downloading).
+    """
+    if not path.exists():
+        raise ModelLoadError(f"missing weight file {path}")
+    try:
+        size = int(path.stat().length) if not _is_local(path) else os.path.getsize(os.fspath(path))
+        with path.open("rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ModelLoadError(f"{path} is not a safetensors file ({size} bytes, too short for a header)")
+            n = int.from_bytes(head, "little")
+            if n > min(_MAX_HEADER, size - 8):
+                raise ModelLoadError(f"{path} has a broken safetensors header (it claims {n:,} bytes of a "
+                                     f"{size:,}-byte file)")
+            header = json.loads(f.read(n))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"{path} has a broken safetensors header ({type(e).__name__})") from e
+    if not isinstance(header, dict):
+        raise ModelLoadError(f"{path} has a broken safetensors header (not a JSON object)")
+    end = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            end = max(end, int(info["data_offsets"][1]))
+        except (TypeError, KeyError, IndexError, ValueError) as e:
+            raise ModelLoadError(f"{path} has a broken safetensors header (tensor {name!r})") from e
+    if 8 + n + end > size:
+        raise ModelLoadError(f"{path} is truncated: {size:,} bytes, its header needs {8 + n + end:,}; "
+                             "copy or download it again")
+
+
+def check_weights(folder: epath.Path) -> None:
+    """Every weight file a component's loading would read exists and is whole (headers only)."""
+    for f in _weight_files(folder):
+        check_safetensors(f)
+
+
 def read_safetensors(folder: epath.Path) -> dict[str, np.ndarray]:
     """All tensors of a component folder, by PyTorch name, as NumPy arrays."""
     tensors: dict[str, np.ndarray] = {}
     for f in _weight_files(folder):
-        if not f.exists():
-            raise ModelLoadError(f"missing weight file {f}")
-        data = safetensors.numpy.load_file(os.fspath(f)) if _is_local(f) else safetensors.numpy.load(f.read_bytes())
+        check_safetensors(f)
+        try:
+            data = safetensors.numpy.load_file(os.fspath(f)) if _is_local(f) else safetensors.numpy.load(f.read_bytes())
+        except Exception as e:  # noqa: BLE001  (safetensors raises its own error types)
+            raise ModelLoadError(f"{f} cannot be read ({type(e).__name__}: {cli_line(e)})") from e
         tensors.update(data)
     return tensors
+
+
+def cli_line(err: BaseException) -> str:
+    """The first line of an error's message."""
+    return next((ln.strip() for ln in str(err).splitlines() if ln.strip()), type(err).__name__)
 
 
 def _is_local(p: epath.Path) -> bool:
@@ -167,12 +220,9 @@ def load_tokenizer(folder: epath.Path) -> Any:
         raise ModelLoadError(f"{folder}: cannot load the CLIP tokenizer ({e})") from e
 
 
-def load_pipeline(path: str | os.PathLike, *, dtype: Any = None, **module_kwargs: Any) -> Pipeline:
-    """Reads a diffusers-format Stable Diffusion folder (``model_index.json``, ``unet/``, ...)."""
-    from ablate_jax.models.clip import CLIPTextModel  # noqa: PLC0415
-    from ablate_jax.models.unet import UNet2DConditionModel  # noqa: PLC0415
-    from ablate_jax.models.vae import AutoencoderKL  # noqa: PLC0415
-
+def check_pipeline(path: str | os.PathLike) -> epath.Path:
+    """What :func:`load_pipeline` needs is there and whole (configs, weight headers, tokenizer files),
+    without reading any weights; returns the folder."""
     root = resolve_path(path)
     index = read_json(root / "model_index.json")
     for name in _PIPELINE_COMPONENTS:
@@ -181,6 +231,29 @@ def load_pipeline(path: str | os.PathLike, *, dtype: Any = None, **module_kwargs
     text_cls = (index.get("text_encoder") or [None, None])[1]
     if text_cls not in (None, "CLIPTextModel"):
         raise ModelLoadError(f"{root}: text encoder class {text_cls!r} is not supported (only CLIPTextModel)")
+    for name in ("unet", "vae", "text_encoder"):
+        read_json(root / name / "config.json")
+        check_weights(root / name)
+    read_json(root / "scheduler" / "scheduler_config.json")
+    return root
+
+
+def check_clip(path: str | os.PathLike) -> epath.Path:
+    """What :func:`load_clip` needs is there and whole, without reading any weights; returns the folder."""
+    root = resolve_path(path, toy_component="clip")
+    read_json(root / "config.json")
+    check_weights(root)
+    return root
+
+
+def load_pipeline(path: str | os.PathLike, *, dtype: Any = None, **module_kwargs: Any) -> Pipeline:
+    """Reads a diffusers-format Stable Diffusion folder (``model_index.json``, ``unet/``, ...)."""
+    from ablate_jax.models.clip import CLIPTextModel  # noqa: PLC0415
+    from ablate_jax.models.unet import UNet2DConditionModel  # noqa: PLC0415
+    from ablate_jax.models.vae import AutoencoderKL  # noqa: PLC0415
+
+    root = check_pipeline(path)
+    index = read_json(root / "model_index.json")
     kwargs = dict(module_kwargs)
     if dtype is not None:
         kwargs["dtype"] = dtype

@@ -131,6 +131,7 @@ class _TransformerHost(nn.Module):
     upcast_attention: bool = False
     stop_sot_kv_grad: bool = False
     attention_implementation: str | None = None
+    remat_attention: bool = False
     groups: int = 32
     eps: float = 1e-5
     act_fn: str = "silu"
@@ -150,7 +151,8 @@ class _TransformerHost(nn.Module):
         )
 
     def transformer(self, channels: int, name: str) -> Transformer2DModel:
-        return Transformer2DModel(
+        cls = nn.remat(Transformer2DModel) if self.remat_attention else Transformer2DModel
+        return cls(
             heads=self.heads,
             head_dim=channels // self.heads,
             num_layers=self.transformer_layers,
@@ -256,6 +258,8 @@ class UNet2DConditionModel(nn.Module):
     value or one per down block; ``attention_head_dim`` is the number of heads, as in diffusers'
     configs. ``stop_sot_kv_grad`` stops gradients through the first context token's keys and
     values in every attention that reads the context (the forward pass is unchanged).
+    ``remat`` recomputes activations in the backward pass instead of storing them: ``attention``
+    per transformer block, ``blocks`` per down, mid and up block (the same values, less memory).
     """
 
     in_channels: int = 4
@@ -290,6 +294,7 @@ class UNet2DConditionModel(nn.Module):
     conv_out_kernel: int = 3
     stop_sot_kv_grad: bool = False
     attention_implementation: str | None = None
+    remat: str = "none"  # none | attention | blocks
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -370,8 +375,16 @@ class UNet2DConditionModel(nn.Module):
             upcast_attention=self.upcast_attention,
             stop_sot_kv_grad=self.stop_sot_kv_grad,
             attention_implementation=self.attention_implementation,
+            remat_attention=self.remat == "attention",
             **kw,
         )
+        if self.remat not in ("none", "attention", "blocks"):
+            raise ValueError(f"remat must be none, attention or blocks, got {self.remat!r}")
+        by_block = self.remat == "blocks"
+        down_cls = nn.remat(DownBlock2D) if by_block else DownBlock2D
+        mid_cls = nn.remat(UNetMidBlock2DCrossAttn) if by_block else UNetMidBlock2DCrossAttn
+        # upsample_size (argument 5, counting the module) is a shape: static under remat.
+        up_cls = nn.remat(UpBlock2D, static_argnums=(5,)) if by_block else UpBlock2D
 
         batch = sample.shape[0]
         x = sample.astype(self.dtype)
@@ -395,7 +408,7 @@ class UNet2DConditionModel(nn.Module):
 
         skips: list[jax.Array] = [x]
         for i, block_type in enumerate(self.down_block_types):
-            x, block_skips = DownBlock2D(
+            x, block_skips = down_cls(
                 out_channels=channels[i],
                 num_layers=layers[i],
                 has_attention=block_type == "CrossAttnDownBlock2D",
@@ -409,7 +422,7 @@ class UNet2DConditionModel(nn.Module):
             )(x, emb, context)
             skips.extend(block_skips)
 
-        x = UNetMidBlock2DCrossAttn(
+        x = mid_cls(
             heads=heads[-1],
             transformer_layers=t_layers[-1],
             output_scale_factor=self.mid_block_scale_factor,
@@ -427,7 +440,7 @@ class UNet2DConditionModel(nn.Module):
             block_skips, skips = skips[-num_layers:], skips[:-num_layers]
             is_last = i == n - 1
             upsample_size = tuple(skips[-1].shape[1:3]) if resize_to_skips and not is_last else None
-            x = UpBlock2D(
+            x = up_cls(
                 out_channels=channels[r],
                 num_layers=num_layers,
                 has_attention=block_type == "CrossAttnUpBlock2D",
