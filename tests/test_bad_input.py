@@ -57,11 +57,15 @@ def assert_one_line(code: int, err: str, *fragments: str) -> str:
     return errors[0]
 
 
+def tiny_config(extra: str = ""):
+    return train.config_lib.finalize(train.config_lib.base_config(), TINY + extra)
+
+
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory):
+def finished(tmp_path_factory, toy_pipe):
     """A finished tiny run (anchors, 4 steps, export) that the cases below must leave as it is."""
     workdir = tmp_path_factory.mktemp("finished") / "w"
-    assert train.main(["train", f"--config={CONFIG}:{TINY}", f"--workdir={workdir}", "--noprogress"]) == 0
+    train.run(tiny_config(), workdir, pipeline=toy_pipe, progress=False)
     return workdir
 
 
@@ -260,7 +264,7 @@ def test_a_checkpoint_with_a_missing_data_file_is_refused_in_one_line(capsys, fi
 def test_the_export_refuses_non_finite_parameters(finished, tmp_path, toy_pipe):
     from ablate_jax import config as config_lib
 
-    config = config_lib.resolve(train.config_lib.finalize(train.config_lib.base_config(), TINY))
+    config = config_lib.resolve(tiny_config())
     workdir = copy_of(finished, tmp_path)
     shutil.rmtree(workdir / "export")
     ablated = checkpointing.restore_ablated_params(config, workdir, toy_pipe)
@@ -276,27 +280,31 @@ def test_the_export_refuses_non_finite_parameters(finished, tmp_path, toy_pipe):
 # ------------------------------------------------------------------------------------------------ diverging training
 
 
-def test_diverging_training_never_reaches_a_checkpoint_or_an_export(capsys, finished, tmp_path):
+# These run in this process with the session's toy model, so they share its compiled programs;
+# the command's own error line is the exception's message (checked through train.main above).
+
+
+def test_diverging_training_never_reaches_a_checkpoint_or_an_export(finished, tmp_path, toy_pipe):
     workdir = tmp_path / "w"
     workdir.mkdir()
     shutil.copytree(finished / "anchors", workdir / "anchors")
-    code, err = run_main(capsys, workdir, "--noprogress", arg=TINY.replace("train.steps=4", "train.steps=1")
-                         + ",train.checkpoint_every=1,train.learning_rate=1e9")
-    assert_one_line(code, err, "by step 1", "last good checkpoint: none")
+    config = tiny_config(",train.steps=1,train.checkpoint_every=1,train.learning_rate=1e9")
+    with pytest.raises(train.TrainError, match=r"^training diverged by step 1: .*last good checkpoint: none\)"):
+        train.run(config, workdir, pipeline=toy_pipe, progress=False)
     assert checkpointing.manager(workdir).latest_step() is None
     assert not (workdir / "export").exists()
 
 
-def test_a_run_that_diverges_later_keeps_its_last_good_checkpoint_and_names_it(capsys, finished, tmp_path):
+def test_a_run_that_diverges_later_keeps_its_last_good_checkpoint_and_names_it(finished, tmp_path, toy_pipe):
     workdir = tmp_path / "w"
     workdir.mkdir()
     shutil.copytree(finished / "anchors", workdir / "anchors")
     # At this rate the probe loss is 4.6, 3.3 and 4.6 times its start after steps 1 to 3 and 5.8
     # times after step 4: with the bound at 5, step 4 is the first that may not be saved.
-    arg = TINY + ",train.checkpoint_every=1,train.learning_rate=0.01,train.divergence_factor=5"
-    code, err = run_main(capsys, workdir, "--noprogress", arg=arg)
-    line = assert_one_line(code, err, "diverged by step 4", "over 5 times", "last good checkpoint: step 3")
-    assert checkpointing.manager(workdir).latest_step() == 3, line
+    config = tiny_config(",train.checkpoint_every=1,train.learning_rate=0.01,train.divergence_factor=5")
+    with pytest.raises(train.TrainError, match=r"diverged by step 4: .* over 5 times .*last good checkpoint: step 3\)"):
+        train.run(config, workdir, pipeline=toy_pipe, progress=False)
+    assert checkpointing.manager(workdir).latest_step() == 3
     assert not (workdir / "export").exists()
 
 
