@@ -108,7 +108,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.weight_decay = 1e-2
     c.train.clip_norm = 1.0
     c.train.flip = True
-    c.train.rescale = auto(bool)  # shrink/zoom augmentation with prompt prefixes (docs/design.md, "Data")
+    c.train.rescale = auto(bool)  # shrink/zoom augmentation with prompt prefixes (DESIGN.md 1.4)
     c.train.checkpoint_every = 50
     c.train.log_every = 10
     # A checkpoint is written only if the objective on a fixed probe batch, measured with the
@@ -463,6 +463,8 @@ def _concept(preset: str, kind: str, target: str, anchor: str, anchor_prompts: s
         raise ConfigError("set concept.preset or concept.target")
     if not fields["anchor_prompts"]:
         raise ConfigError("set concept.preset or concept.anchor_prompts")
+    # A target is never preserved (a preset's list may name what the config now removes).
+    fields["preserve"] = tuple(k for k in fields["preserve"] if k not in fields["targets"])
     held = concepts.parse_targets(held_out)
     if changed:
         # The preset's evaluation sets describe its own target; build new ones from prompts that

@@ -130,7 +130,7 @@ def _validate(config: ml_collections.ConfigDict) -> tuple[Concept, sampling.Samp
     except ValueError as e:
         raise AnchorError(f"anchors: {e}") from e
     concept = concept_from_config(config)
-    if concept.kind == "memorization" and config.model != "toy":
+    if concept.kind == "memorization" and not is_toy_world(config.model):
         if not 0.0 < a.memorization_threshold <= 1.0:
             raise AnchorError(f"anchors.memorization_threshold must be in (0, 1], got {a.memorization_threshold}")
         if a.memorization_references <= 0:
