@@ -60,6 +60,14 @@ def flag_values(argv: list[str], workdir_help: str):
     return fv
 
 
+def help_requested(argv: list[str], fv, summary: str, usage: str) -> bool:
+    """Prints the command's summary, usage and flags if ``argv`` asks for help; returns whether it did."""
+    if not any(a in ("-h", "--help", "--helpfull") for a in argv[1:]):
+        return False
+    print(f"{summary}\n\nusage: {usage}\n\n{fv.get_help()}")
+    return True
+
+
 def one_line(err: BaseException) -> str:
     """The line to show for ``err``: config_flags wraps a config file's error in its traceback text."""
     lines = [ln.strip() for ln in str(err).strip().splitlines() if ln.strip()]

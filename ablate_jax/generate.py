@@ -687,9 +687,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv if argv is None else argv)
     fv = cli.flag_values(argv, "the run's folder; anchors go to WORKDIR/anchors/")
     flags.DEFINE_bool("progress", True, "show a progress bar", flag_values=fv)
-    if any(a in ("-h", "--help", "--helpfull") for a in argv[1:]):
-        print(f"{__doc__.splitlines()[0]}\n\nusage: python -m ablate_jax.generate --config=FILE[:key=value,...] "
-              f"--workdir=DIR [--config.KEY=VALUE ...]\n\n{fv.get_help()}")
+    if cli.help_requested(argv, fv, __doc__.splitlines()[0], "python -m ablate_jax.generate "
+                          "--config=FILE[:key=value,...] --workdir=DIR [--config.KEY=VALUE ...]"):
         return 0
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("ablate_jax").setLevel(logging.INFO)

@@ -423,9 +423,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv if argv is None else argv)
     fv = cli.flag_values(argv, "run directory (default: workdirs/<concept>-<params>-<time>)")
     flags.DEFINE_bool("progress", True, "show progress bars (off under CI without a terminal)", flag_values=fv)
-    if any(a in ("-h", "--help", "--helpfull") for a in argv[1:]):
-        print(f"{__doc__.splitlines()[0]}\n\nusage: python -m ablate_jax.train --config=FILE[:key=value,...] "
-              f"[--workdir=DIR] [--config.KEY=VALUE ...]\n\n{fv.get_help()}")
+    if cli.help_requested(argv, fv, __doc__.splitlines()[0], "python -m ablate_jax.train "
+                          "--config=FILE[:key=value,...] [--workdir=DIR] [--config.KEY=VALUE ...]"):
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("ablate_jax").setLevel(logging.INFO)
@@ -442,9 +441,7 @@ def main(argv: list[str] | None = None) -> int:
         progress = fv.progress and (sys.stderr.isatty() or not os.environ.get("CI"))
         report = run(config, workdir, progress=progress)
     except _ERRORS as e:
-        from ablate_jax import cli as cli_lib  # noqa: PLC0415
-
-        print(f"error: {cli_lib.one_line(e)}", file=sys.stderr)
+        print(f"error: {cli.one_line(e)}", file=sys.stderr)
         return 1
     if not distributed.is_primary():
         return 0

@@ -103,6 +103,16 @@ def test_bad_config_fails_in_one_line_before_anything(capsys, tmp_path, args, ar
     assert not workdir.exists()
 
 
+def test_a_real_model_needs_a_real_evaluator_that_can_be_reached(capsys, tmp_path, tiny_sd1_path):
+    # Scored by the toy world's evaluator: refused, naming the key to set.
+    code, err = run_main(capsys, tmp_path / "w", arg=f"model={tiny_sd1_path},eval.clip=toy")
+    assert_one_line(code, err, "eval.clip='toy' would score", "--config.eval.clip")
+    # The default evaluator is a hub id, which this machine cannot fetch (the tests run offline).
+    code, err = run_main(capsys, tmp_path / "w", arg=f"model={tiny_sd1_path}")
+    assert_one_line(code, err, "eval.clip='openai/clip-vit-large-patch14'", "reachable hub id")
+    assert not (tmp_path / "w").exists()
+
+
 def test_a_missing_config_file(capsys, tmp_path):
     code, err = run_main(capsys, tmp_path / "w", config=str(tmp_path / "nope.py"))
     assert_one_line(code, err, f"config file {tmp_path / 'nope.py'} does not exist")
@@ -284,10 +294,14 @@ def test_the_export_refuses_non_finite_parameters(finished, tmp_path, toy_pipe):
 # the command's own error line is the exception's message (checked through train.main above).
 
 
-def test_diverging_training_never_reaches_a_checkpoint_or_an_export(finished, tmp_path, toy_pipe):
+def with_anchors_of(finished: Path, tmp_path: Path) -> Path:
     workdir = tmp_path / "w"
-    workdir.mkdir()
     shutil.copytree(finished / "anchors", workdir / "anchors")
+    return workdir
+
+
+def test_diverging_training_never_reaches_a_checkpoint_or_an_export(finished, tmp_path, toy_pipe):
+    workdir = with_anchors_of(finished, tmp_path)
     config = tiny_config(",train.steps=1,train.checkpoint_every=1,train.learning_rate=1e9")
     with pytest.raises(train.TrainError, match=r"^training diverged by step 1: .*last good checkpoint: none\)"):
         train.run(config, workdir, pipeline=toy_pipe, progress=False)
@@ -296,9 +310,7 @@ def test_diverging_training_never_reaches_a_checkpoint_or_an_export(finished, tm
 
 
 def test_a_run_that_diverges_later_keeps_its_last_good_checkpoint_and_names_it(finished, tmp_path, toy_pipe):
-    workdir = tmp_path / "w"
-    workdir.mkdir()
-    shutil.copytree(finished / "anchors", workdir / "anchors")
+    workdir = with_anchors_of(finished, tmp_path)
     # At this rate the probe loss is 4.6, 3.3 and 4.6 times its start after steps 1 to 3 and 5.8
     # times after step 4: with the bound at 5, step 4 is the first that may not be saved.
     config = tiny_config(",train.checkpoint_every=1,train.learning_rate=0.01,train.divergence_factor=5")
