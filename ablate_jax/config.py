@@ -109,6 +109,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.clip_norm = 1.0
     c.train.flip = True
     c.train.rescale = auto(bool)  # shrink/zoom augmentation with prompt prefixes (DESIGN.md 1.4)
+    # The train step encodes its images through the VAE in this many sequential chunks (each a slice
+    # of every device's rows; at most the rows a device holds): the same latents, less memory.
+    c.train.encode_chunks = auto(int)
     c.train.checkpoint_every = 50
     c.train.log_every = 10
     # A checkpoint is written only if the objective on a fixed probe batch, measured with the
@@ -250,7 +253,7 @@ TOY_PRESERVE_WEIGHT = {"model_based": 4.0, "noise_based": 1.0}
 ANCHORS = {"toy": 200, "sd": 1000}
 
 RESOLVED_KEYS = ("train.learning_rate", "train.steps", "anchors.num_images", "prior_weight", "preserve.weight",
-                 "train.rescale", "eval.clip")
+                 "train.rescale", "train.encode_chunks", "eval.clip")
 FAMILIES = ("toy", "sd1", "sd2", "sd")
 
 
@@ -309,6 +312,9 @@ def resolution(config: ml_collections.ConfigDict) -> Resolution:
     fill("train.learning_rate", lr, f"{where}, {params}")
     fill("train.steps", steps, f"{where}, {params}")
     fill("anchors.num_images", ANCHORS["toy" if toy else "sd"], where)
+    # At 512 pixels the VAE encoder's activations for a batch of 8 take gigabytes; the toy world's
+    # 32-pixel images take nothing, and one call is fastest there.
+    fill("train.encode_chunks", 1 if toy else 8, where)
     fill("prior_weight", 1.0 if params == "full" else 0.0,
          "full fine-tuning keeps the anchor prompts' noise prediction" if params == "full" else f"{params}")
     concept = concept_from_config(config)
@@ -374,6 +380,7 @@ def check(config: ml_collections.ConfigDict) -> None:
             raise ConfigError(f"{key} must be a positive {'integer' if integer else 'number'}, got {value!r}")
 
     for key, integer in (("train.steps", True), ("train.batch_size", True), ("train.learning_rate", False),
+                         ("train.encode_chunks", True),
                          ("train.checkpoint_every", True), ("train.log_every", True),
                          ("train.divergence_factor", False), ("anchors.num_images", True),
                          ("anchors.batch_size", True), ("anchors.shard_size", True), ("anchors.steps", True),

@@ -103,6 +103,27 @@ class Selection:
         return sum(int(np.prod(v.shape)) for v in self.split(params).values())
 
 
+def frozen_for_compute(params: Mapping[str, Any], dtype: Any) -> dict[str, Any]:
+    """The frozen base as the train step reads it: with a 16-bit compute dtype, every float matrix,
+    kernel and embedding (2 or more dimensions) held in that dtype.
+
+    The modules cast these to the compute dtype at every use anyway, so the step computes the same
+    values from half the bytes; vectors (norm scales, biases) stay as they are. With float32
+    compute nothing changes. The trainable leaves keep their float32 master copy in the train
+    state (:meth:`Selection.merge` casts them where they are used).
+    """
+    dtype = jnp.dtype(dtype)
+    if dtype.itemsize >= 4:
+        return dict(params)
+
+    def cast(x):
+        if jnp.issubdtype(x.dtype, jnp.floating) and x.ndim >= 2 and x.dtype.itemsize > dtype.itemsize:
+            return x.astype(dtype)
+        return x
+
+    return jax.tree.map(cast, dict(params))
+
+
 def selection(params: Mapping[str, Any], group: str, target_token_ids: Sequence[int] = ()) -> Selection:
     """The :class:`Selection` of ``group``; ``embedding`` needs the target's token ids."""
     paths = tuple(select(params, group))

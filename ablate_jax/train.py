@@ -15,6 +15,7 @@ import dataclasses
 import functools
 import json
 import logging
+import math
 import os
 import re
 import sys
@@ -51,12 +52,15 @@ class TrainError(RuntimeError):
 
 
 def make_objective(pipeline: Pipeline, selection: params_lib.Selection, loss_cfg: losses.LossConfig, *,
-                   stop_sot_kv_grad: bool = True, remat: str = "none"):
+                   stop_sot_kv_grad: bool = True, remat: str = "none", encode_chunks: int = 1):
     """``objective(trainable, base, batch, key) -> (loss, terms)``: the loss of one batch, a pure function.
 
     ``batch``: ``image`` [B, H, W, 3] in [-1, 1], ``mask`` [B, h, w, 1], ``target_ids``,
     ``anchor_ids`` and (preservation) ``keep_ids`` [B, L]. ``key`` draws the VAE posterior
-    sample, the timesteps and the noise. The frozen teacher is ``base`` itself.
+    sample, the timesteps and the noise. The frozen teacher is ``base`` itself. The VAE encodes
+    the images in ``encode_chunks`` sequential calls, each taking rows ``j, j + k, j + 2k, ...``
+    (``k`` chunks): with the batch split over devices in contiguous blocks, every call then
+    takes the same number of rows from every device, and no row moves between devices.
     """
     schedule = Schedule.from_config(pipeline.scheduler_config)
     unet = pipeline.unet.clone(stop_sot_kv_grad=stop_sot_kv_grad, remat=remat)
@@ -66,9 +70,18 @@ def make_objective(pipeline: Pipeline, selection: params_lib.Selection, loss_cfg
     def encode_text(te_params, ids):
         return text.apply({"params": te_params}, ids).last_hidden_state
 
+    def encode(vae_params, images):
+        if encode_chunks <= 1:
+            return vae.apply({"params": vae_params}, images, method=vae.encode)
+        b = images.shape[0]
+        chunks = images.reshape(b // encode_chunks, encode_chunks, *images.shape[1:]).swapaxes(0, 1)
+        mean, logvar = jax.lax.map(lambda x: vae.apply({"params": vae_params}, x, method=vae.encode), chunks)
+        unchunk = lambda y: y.swapaxes(0, 1).reshape(b, *y.shape[2:])  # noqa: E731
+        return unchunk(mean), unchunk(logvar)
+
     def objective(trainable, base, batch, key):
         k_post, k_t, k_noise = jax.random.split(key, 3)
-        mean, logvar = vae.apply({"params": base["vae"]}, batch["image"], method=vae.encode)
+        mean, logvar = encode(base["vae"], batch["image"])
         z0 = (mean + jnp.exp(0.5 * logvar) * jax.random.normal(k_post, mean.shape, mean.dtype)).astype(jnp.float32)
         z0 = jax.lax.stop_gradient(z0 * scale)
         b = z0.shape[0]
@@ -114,13 +127,14 @@ def make_objective(pipeline: Pipeline, selection: params_lib.Selection, loss_cfg
 
 def make_train_step(pipeline: Pipeline, selection: params_lib.Selection, loss_cfg: losses.LossConfig,
                     tx: optax.GradientTransformation, *, seed: int, stop_sot_kv_grad: bool = True,
-                    remat: str = "none"):
+                    remat: str = "none", encode_chunks: int = 1):
     """``step(state, base, batch) -> (state, metrics)``, a pure function ready to jit.
 
     Randomness (VAE posterior sample, timesteps, noise) comes from ``fold_in(seed, step)`` and
     is split per example by its row, so a resumed run draws exactly what an uninterrupted one would.
     """
-    objective = make_objective(pipeline, selection, loss_cfg, stop_sot_kv_grad=stop_sot_kv_grad, remat=remat)
+    objective = make_objective(pipeline, selection, loss_cfg, stop_sot_kv_grad=stop_sot_kv_grad, remat=remat,
+                               encode_chunks=encode_chunks)
     root = jax.random.key(seed)
 
     def step(state, base, batch):
@@ -145,13 +159,14 @@ PROBE_STREAM = 0x70726F62  # "prob" in ASCII
 
 @functools.lru_cache(maxsize=8)
 def compiled_probe(pipeline: Pipeline, selection: params_lib.Selection, loss_cfg: losses.LossConfig, seed: int,
-                   stop_sot_kv_grad: bool, remat: str, mesh: jax.sharding.Mesh):
+                   stop_sot_kv_grad: bool, remat: str, mesh: jax.sharding.Mesh, encode_chunks: int = 1):
     """``probe(trainable, base, batch) -> (loss, all_finite)``: the objective of fixed draws, jitted.
 
     Measured on the parameters about to be saved, it is what stands between a diverging update
     and a checkpoint (see :func:`train`).
     """
-    objective = make_objective(pipeline, selection, loss_cfg, stop_sot_kv_grad=stop_sot_kv_grad, remat=remat)
+    objective = make_objective(pipeline, selection, loss_cfg, stop_sot_kv_grad=stop_sot_kv_grad, remat=remat,
+                               encode_chunks=encode_chunks)
     key = jax.random.fold_in(jax.random.key(seed), PROBE_STREAM)
 
     def probe(trainable, base, batch):
@@ -165,7 +180,7 @@ def compiled_probe(pipeline: Pipeline, selection: params_lib.Selection, loss_cfg
 @functools.lru_cache(maxsize=8)
 def compiled_train_step(pipeline: Pipeline, selection: params_lib.Selection, loss_cfg: losses.LossConfig,
                         clip_norm: float, seed: int, stop_sot_kv_grad: bool, mesh: jax.sharding.Mesh,
-                        remat: str = "none"):
+                        remat: str = "none", encode_chunks: int = 1):
     """The jitted train step, shared by runs in one process that use the same pipeline object and settings.
 
     The learning rate and weight decay are read from the train state (``params.optimizer``), so
@@ -176,7 +191,8 @@ def compiled_train_step(pipeline: Pipeline, selection: params_lib.Selection, los
     tx = params_lib.optimizer(1.0, weight_decay=0.0, clip_norm=clip_norm)
     state_sharding, base_sharding = state_shardings(pipeline, selection, tx, mesh)
     return jax.jit(
-        make_train_step(pipeline, selection, loss_cfg, tx, seed=seed, stop_sot_kv_grad=stop_sot_kv_grad, remat=remat),
+        make_train_step(pipeline, selection, loss_cfg, tx, seed=seed, stop_sot_kv_grad=stop_sot_kv_grad, remat=remat,
+                        encode_chunks=encode_chunks),
         in_shardings=(state_sharding, base_sharding, sharding.batch_sharded(mesh)),
         out_shardings=(state_sharding, sharding.replicated(mesh)),
         donate_argnums=(0,),
@@ -231,7 +247,8 @@ def train(ctx: RunContext, *, progress: bool = True) -> dict[str, Any]:
 
     batch_sharding = sharding.batch_sharded(mesh)
     state_sharding, base_sharding = state_shardings(pipeline, selection, tx, mesh)
-    base = sharding.put(pipeline.params, base_sharding)
+    base = sharding.put(params_lib.frozen_for_compute(pipeline.params, config.dtype), base_sharding)
+    chunks = math.gcd(t.encode_chunks, t.batch_size // n_dev)  # chunks must split every device's rows
     # The state is donated to every step, so it must not share buffers with the base (on one
     # device, putting an array where it already is returns the same buffer).
     initial = selection.split(pipeline.params)
@@ -254,8 +271,9 @@ def train(ctx: RunContext, *, progress: bool = True) -> dict[str, Any]:
         process_index=jax.process_index(), process_count=jax.process_count(),
     )
     step_fn = compiled_train_step(pipeline, selection, loss_cfg, t.clip_norm, config.seed, config.stop_sot_kv_grad,
-                                  mesh, t.remat)
-    probe_fn = compiled_probe(pipeline, selection, loss_cfg, config.seed, config.stop_sot_kv_grad, t.remat, mesh)
+                                  mesh, t.remat, chunks)
+    probe_fn = compiled_probe(pipeline, selection, loss_cfg, config.seed, config.stop_sot_kv_grad, t.remat, mesh,
+                              chunks)
     writer = metric_writers.create_default_writer(
         os.fspath(ctx.workdir / "logs"), just_logging=jax.process_index() > 0 or not t.tensorboard)
     log.info("training %s (%s scalars) for %d steps, global batch %d on %d devices%s",

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -107,9 +108,11 @@ def bench_train(pipe, count_pipe, mesh, group: str, args, remat: str = "none") -
     tx = params_lib.optimizer(1e-5, weight_decay=1e-2, clip_norm=1.0)
     loss_cfg = losses.LossConfig(loss="model_based", teacher="frozen", prior_weight=0.0, preserve_weight=0.0)
     rep, data = sharding.replicated(mesh), sharding.batch_sharded(mesh)
-    step = jax.jit(make_train_step(pipe, selection, loss_cfg, tx, seed=0, remat=remat), in_shardings=(rep, rep, data),
-                   out_shardings=(rep, rep), donate_argnums=(0,))
-    base = jax.device_put(pipe.params, rep)
+    # As ablate_jax.train runs it: the frozen base in the compute dtype, the VAE encoding in chunks.
+    chunks = math.gcd(args.encode_chunks, args.batch)
+    step = jax.jit(make_train_step(pipe, selection, loss_cfg, tx, seed=0, remat=remat, encode_chunks=chunks),
+                   in_shardings=(rep, rep, data), out_shardings=(rep, rep), donate_argnums=(0,))
+    base = jax.device_put(params_lib.frozen_for_compute(pipe.params, jnp.bfloat16), rep)
     # A copy: the state is donated, and must not share buffers with the base.
     trainable = jax.tree.map(jnp.copy, selection.split(pipe.params))
     box = {"state": jax.device_put(checkpointing.initial_state(trainable, tx), rep)}
@@ -159,6 +162,7 @@ def main() -> None:
     ap.add_argument("--attention", choices=("auto", "cudnn", "xla"), default="auto")
     ap.add_argument("--peak-tflops", type=float, default=None, help="the chip's dense bf16 peak (default: by kind)")
     ap.add_argument("--out", default="bench-gpu", help="folder for gpu.md and gpu.json")
+    ap.add_argument("--encode-chunks", type=int, default=8, help="train.encode_chunks (Stable Diffusion's default)")
     ap.add_argument("--memory", default=None, help="GROUP:REMAT: measure that train step's memory alone")
     ap.add_argument("--memory-rows", default=None, help="a file of --memory JSON lines to add to the table")
     args = ap.parse_args()

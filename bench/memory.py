@@ -5,7 +5,9 @@
 
 For SD 1.x at 512x512 (860M UNet, KL VAE, CLIP ViT-L/14 text tower; float32 parameters), each
 parameter group, float32 and bfloat16 compute, and each ``train.remat`` setting: the train step
-is compiled for the batch (8 by default) on abstract parameters, nothing allocated, and XLA's
+as ``ablate_jax.train`` runs it (the frozen base in the compute dtype, the VAE encoding in
+``train.encode_chunks`` chunks) is compiled for the batch (8 by default) on abstract parameters,
+nothing allocated, and XLA's
 memory analysis gives what the compiled program plans to hold at once: its arguments (frozen
 parameters, train state, batch), its temporaries and its outputs, less the outputs that reuse
 the donated state's buffers. That is the program's own need; a runtime adds its fragmentation and
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -40,7 +43,8 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 GIB = 2**30
 
 
-def planned_bytes(group: str, dtype: str, remat: str, batch: int, resolution: int, size: str) -> dict:
+def planned_bytes(group: str, dtype: str, remat: str, batch: int, resolution: int, size: str,
+                  encode_chunks: int = 8) -> dict:
     """XLA's memory analysis of the compiled train step (compiled for the first local device)."""
     import jax
     import jax.numpy as jnp
@@ -57,8 +61,11 @@ def planned_bytes(group: str, dtype: str, remat: str, batch: int, resolution: in
     tx = params_lib.optimizer(1e-5, weight_decay=1e-2, clip_norm=1.0)
     loss_cfg = losses.LossConfig(loss="model_based", teacher="frozen",
                                  prior_weight=1.0 if group == "full" else 0.0, preserve_weight=0.0)
-    step = make_train_step(pipe, selection, loss_cfg, tx, seed=0, remat=remat)
+    # What ablate_jax.train runs: the frozen base in the compute dtype, the VAE encoding in chunks.
+    chunks = math.gcd(encode_chunks, batch)
+    step = make_train_step(pipe, selection, loss_cfg, tx, seed=0, remat=remat, encode_chunks=chunks)
     state = jax.eval_shape(lambda p: checkpointing.initial_state(selection.split(p), tx), pipe.params)
+    base = jax.eval_shape(lambda p: params_lib.frozen_for_compute(p, jnp.dtype(dtype)), pipe.params)
     lat = resolution // pipe.vae_downsample
     ids = jax.ShapeDtypeStruct((batch, 77), jnp.int32)
     batch_shapes = {
@@ -67,11 +74,12 @@ def planned_bytes(group: str, dtype: str, remat: str, batch: int, resolution: in
         "target_ids": ids, "anchor_ids": ids,
     }
     t0 = time.perf_counter()
-    compiled = jax.jit(step, donate_argnums=(0,)).lower(state, pipe.params, batch_shapes).compile()
+    compiled = jax.jit(step, donate_argnums=(0,)).lower(state, base, batch_shapes).compile()
     seconds = time.perf_counter() - t0
     m = compiled.memory_analysis()
     total = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
     return {"group": group, "dtype": dtype, "remat": remat, "batch": batch, "resolution": resolution,
+            "encode_chunks": chunks,
             "arguments_gib": m.argument_size_in_bytes / GIB, "temporaries_gib": m.temp_size_in_bytes / GIB,
             "outputs_gib": (m.output_size_in_bytes - m.alias_size_in_bytes) / GIB, "planned_gib": total / GIB,
             "trainable": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"])),
@@ -120,6 +128,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--resolution", type=int, default=512)
     ap.add_argument("--size", choices=("full", "tiny"), default="full", help="tiny: the same layout, narrow (a check)")
+    ap.add_argument("--encode-chunks", type=int, default=8, help="train.encode_chunks (Stable Diffusion's default)")
     ap.add_argument("--no-reference", action="store_true")
     ap.add_argument("--reference-batches", default="1,2,4,8", help="tried in order until one does not fit")
     ap.add_argument("--reference-model", default=None, help="an SD 1.x diffusers folder (default: random weights)")
@@ -138,7 +147,7 @@ def main() -> None:
     for group in groups:
         for dtype in dtypes:
             for remat in remats:
-                r = planned_bytes(group, dtype, remat, args.batch, args.resolution, args.size)
+                r = planned_bytes(group, dtype, remat, args.batch, args.resolution, args.size, args.encode_chunks)
                 rows.append(r)
                 print(f"{group:<10} {dtype:<9} {remat:<10} {r['arguments_gib']:9.2f} {r['temporaries_gib']:11.2f} "
                       f"{r['outputs_gib']:8.2f} {r['planned_gib']:8.2f}", flush=True)
@@ -165,7 +174,7 @@ def main() -> None:
                     break
         if best is not None:
             b = best["batch"]
-            ours = min((planned_bytes("xattn_kv", "float32", remat, b, args.resolution, args.size)
+            ours = min((planned_bytes("xattn_kv", "float32", remat, b, args.resolution, args.size, args.encode_chunks)
                         for remat in remats), key=lambda r: r["planned_gib"])
             ratio = ours["planned_gib"] / best["peak_gib"]
             print(f"at batch {b}: ablate_jax plans {ours['planned_gib']:.2f} GiB (xattn_kv, float32, remat "

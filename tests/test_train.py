@@ -297,3 +297,34 @@ def test_cli_reports_bad_input_in_one_line(tmp_path):
     lines = [ln for ln in out.stderr.splitlines() if ln.startswith("error:")]
     assert lines == ["error: train.steps must be a positive integer, got 0"]
     assert not (tmp_path / "w").exists()
+
+
+def test_chunked_encoding_and_a_16_bit_frozen_base_compute_the_same_objective(toy_pipe):
+    """The two memory savings of the train step change no value: the VAE encoding in chunks, and the
+    frozen base held in the compute dtype (the modules cast it there at every use anyway)."""
+    import jax.numpy as jnp
+
+    from ablate_jax import losses
+    from ablate_jax import params as params_lib
+    from ablate_jax.models import load_pipeline
+    from ablate_jax.sampling import tokenize
+
+    rng = np.random.default_rng(0)
+    batch = {"image": rng.uniform(-1, 1, (8, 32, 32, 3)).astype(np.float32), "mask": np.ones((8, 8, 8, 1), np.float32),
+             "target_ids": tokenize(toy_pipe, ["a red smiley"] * 8), "anchor_ids": tokenize(toy_pipe, ["a red circle"] * 8)}
+    loss_cfg = losses.LossConfig(loss="model_based", teacher="frozen")
+    key = jax.random.key(3)
+    values = {}
+    for name, pipe, chunks, cast in (("plain", toy_pipe, 1, False), ("chunked", toy_pipe, 4, False),
+                                     ("bf16", load_pipeline("toy", dtype=jnp.bfloat16), 1, False),
+                                     ("bf16 frozen in bf16", load_pipeline("toy", dtype=jnp.bfloat16), 1, True)):
+        sel = params_lib.selection(pipe.params, "xattn_kv")
+        objective = train.make_objective(pipe, sel, loss_cfg, encode_chunks=chunks)
+        base = params_lib.frozen_for_compute(pipe.params, jnp.bfloat16) if cast else pipe.params
+        if cast:
+            assert base["unet"]["conv_in"]["kernel"].dtype == jnp.bfloat16
+            assert base["unet"]["conv_in"]["bias"].dtype == jnp.float32  # vectors stay as they are
+        values[name] = float(jax.jit(objective)(sel.split(pipe.params), base, batch, key)[0])
+    assert values["chunked"] == pytest.approx(values["plain"], rel=1e-6)
+    assert values["bf16 frozen in bf16"] == values["bf16"]
+    assert values["bf16"] == pytest.approx(values["plain"], rel=0.1)  # a bfloat16 model, not another one
