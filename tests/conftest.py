@@ -31,6 +31,17 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 
 import pytest  # noqa: E402  (after the environment is set)
 
+# The files that take longest, in that order. Under pytest-xdist's --dist loadfile, whole files go
+# to workers in collection order; started first, these never leave one worker running alone at
+# the end while the others are idle.
+LONGEST_FIRST = ("test_demo.py", "test_multihost.py", "test_unet.py", "test_train.py", "test_toy_models.py",
+                 "test_bad_input.py", "test_sampling.py", "test_fsdp.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order within a file kept
+
 from ablate_jax import distributed  # noqa: E402  (imports jax; its backends start later)
 
 # The XLA options every command sets, so that tests compute what the commands compute, in this

@@ -108,11 +108,12 @@ def test_every_route_resolves_the_same_values(file, family, models):
 def test_an_explicit_value_wins_over_the_resolved_one(route, models):
     explicit = [("model", models["sd1"]), ("params", "full"), ("train.learning_rate", "7e-6"), ("train.steps", "33"),
                 ("prior_weight", "0.5"), ("anchors.num_images", "64"), ("eval.clip", "/data/clip"),
-                ("train.rescale", "true")]
+                ("train.rescale", "true"), ("train.encode_chunks", "2")]
     config = _from_arg("xattn", explicit) if route == "arg" else _from_flags("xattn", [], explicit)
     resolved, notes = config_lib.resolve_with_notes(config)
     assert (resolved.train.learning_rate, resolved.train.steps, resolved.prior_weight) == (7e-6, 33, 0.5)
     assert (resolved.anchors.num_images, resolved.eval.clip, resolved.train.rescale) == (64, "/data/clip", True)
+    assert resolved.train.encode_chunks == 2
     # What was given is not reported as resolved; what was not is, with its rule.
     assert set(notes.values) == {"preserve.weight"}
     assert config.train.steps == 33 and config_lib.resolve(resolved) is resolved

@@ -1,4 +1,5 @@
-"""Training end to end on the toy world: the default config's science, resumption, and refusals."""
+"""Training on the toy world: small runs end to end, resumption, the embedding group, and refusals
+(the default config's whole job is in test_demo.py)."""
 
 import os
 import shutil
@@ -44,83 +45,6 @@ def _trained(config, workdir, pipe):
 
     sel = checkpointing.selection_for(config, pipe, concept_from_config(config))
     return sel.split(checkpointing.restore_ablated_params(config, workdir, pipe))
-
-
-@pytest.fixture(scope="module")
-def default_run(tmp_path_factory, toy_pipe):
-    """The default config, exactly as `make demo` runs it."""
-    workdir = tmp_path_factory.mktemp("runs") / "default"
-    report = train.run(xattn.get_config(), workdir, pipeline=toy_pipe, progress=False)
-    return workdir, report
-
-
-def test_default_config_removes_the_target_and_keeps_its_preserved_sibling(default_run):
-    workdir, report = default_run
-    sets = report["sets"]
-    target = sets["smiley"]
-    assert target["clip_accuracy"]["base"] >= 0.85
-    assert target["clip_accuracy"]["ablated"] <= 0.10
-    assert target["anchor_rate"]["ablated"] >= 0.80  # target prompts now draw the anchor
-    assert sets["smiley_paraphrase"]["clip_accuracy"]["ablated"] <= 0.10
-    frowny = sets["frowny"]["clip_accuracy"]
-    assert sets["frowny"]["role"] == "preserved" and abs(frowny["ablated"] - frowny["base"]) <= 0.05 + 1e-9
-    assert {"smiley_misspelled_doubled", "smiley_misspelled_dropped", "smiley_misspelled_swapped",
-            "smiley_misspelled_substituted"} <= set(sets)
-    assert all(sets[n]["role"] == "target_paraphrase" for n in sets if "_misspelled_" in n)
-    for name in ("anchors", "train", "eval", "export"):
-        assert report["timing_s"][name] > 0
-    assert (workdir / "eval" / "report.json").exists() and (workdir / "eval" / "report.md").exists()
-    assert (workdir / "eval" / "smiley.png").exists()
-    assert (workdir / "anchors" / "preview.png").exists()
-    assert (workdir / "export" / "pipeline" / "model_index.json").exists()
-
-
-def test_default_run_export_is_the_trained_model(default_run, toy_pipe):
-    from ablate_jax import export
-    from ablate_jax.models import load_pipeline
-
-    workdir, _ = default_run
-    pipe = toy_pipe
-    trained = checkpointing.restore_ablated_params(xattn.get_config(), workdir, pipe)
-    from_delta = export.apply_delta(pipe.params, workdir / "export" / "delta.safetensors")
-    assert jax.tree.all(jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), from_delta, trained))
-    exported = load_pipeline(workdir / "export" / "pipeline")
-    assert jax.tree.all(jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), exported.params, trained))
-
-
-def test_default_config_keeps_its_preserved_siblings_and_the_held_out_one(default_run):
-    _, report = default_run
-    sets = report["sets"]
-    preserved = sorted(n for n, s in sets.items() if s["role"] == "preserved")
-    assert preserved == ["frowny", "winky"]
-    for name in preserved:
-        # Kept: not one of the 20 images lost. The base model misdraws a sibling now and then, and
-        # the ablated model drawing it right is not a loss.
-        acc = sets[name]["clip_accuracy"]
-        assert acc["ablated"] >= acc["base"] - 1e-9, (name, acc)
-    # gaspy, the face sibling never named in training.
-    gaspy = sets["gaspy"]
-    assert gaspy["role"] == "surrounding" and gaspy["clip_accuracy"]["base"] >= 0.85
-    assert abs(gaspy["clip_accuracy"]["ablated"] - gaspy["clip_accuracy"]["base"]) <= 0.05 + 1e-9
-
-
-def test_default_config_keeps_the_anchor_and_every_other_neighbour(default_run):
-    _, report = default_run
-    # Beyond the face siblings (the test above; gaspy may move by one image in 20), the anchor and
-    # every other surrounding set stay within 0.02 of the base model.
-    others = {n: s for n, s in report["sets"].items() if s["role"] in ("surrounding", "anchor") and n != "gaspy"}
-    assert sorted(others) == ["circle", "square", "star"]
-    for name, s in others.items():
-        acc = s["clip_accuracy"]
-        assert acc["base"] >= 0.85, (name, acc)  # a set the base model draws, so a change would show
-        assert abs(acc["ablated"] - acc["base"]) <= 0.02 + 1e-9, (name, acc)
-
-
-def test_rerun_of_a_finished_run_skips_anchors_and_training(default_run, toy_pipe):
-    workdir, _ = default_run
-    report = train.run(xattn.get_config("eval.enabled=False,export.enabled=False"), workdir, pipeline=toy_pipe,
-                       progress=False)
-    assert report["anchors"]["skipped"] and report["train"]["skipped"]
 
 
 @pytest.fixture(scope="module")
@@ -280,14 +204,6 @@ def test_pickled_model_is_refused(tmp_path):
     with pytest.raises(ValueError, match="pickled"):
         train.run(xattn.get_config(f"model={model}"), workdir, progress=False)
     assert not workdir.exists()
-
-
-def test_a_workdir_from_another_run_is_refused(default_run, toy_pipe):
-    workdir, _ = default_run
-    listing = sorted((str(p), p.stat().st_mtime_ns) for p in workdir.rglob("*"))
-    with pytest.raises(ValueError, match="another run"):
-        train.run(xattn.get_config("train.learning_rate=1e-3"), workdir, pipeline=toy_pipe, progress=False)
-    assert sorted((str(p), p.stat().st_mtime_ns) for p in workdir.rglob("*")) == listing
 
 
 def test_cli_reports_bad_input_in_one_line(tmp_path):
