@@ -19,6 +19,11 @@ process per batch size on random full-size weights, from 1 upwards until the nex
 fit this machine's memory, and its peak resident memory is read. At the largest batch that ran,
 ablate_jax's float32 plan (best remat setting) is set against it as a ratio.
 
+These are XLA:CPU's plans. They overstate a bfloat16 step (XLA:CPU converts each convolution's
+bfloat16 operands and kernel to float32 copies) and do not show what ``train.remat`` saves (its
+scheduler does not hold recomputation back until the backward pass needs it); ``bench/gpu.py``
+measures peak bytes in use on a GPU.
+
 The last line is ``xattn_kv_bf16_b8_gib=<x>``: the ``xattn_kv`` step at batch 8 with bfloat16
 compute and the remat setting that plans least.
 """

@@ -259,7 +259,8 @@ class UNet2DConditionModel(nn.Module):
     configs. ``stop_sot_kv_grad`` stops gradients through the first context token's keys and
     values in every attention that reads the context (the forward pass is unchanged).
     ``remat`` recomputes activations in the backward pass instead of storing them: ``attention``
-    per transformer block, ``blocks`` per down, mid and up block (the same values, less memory).
+    per transformer block, ``blocks`` per down, mid and up block (the same values; what it saves
+    depends on the backend's scheduler, docs/design.md "Memory of the train step").
     """
 
     in_channels: int = 4
