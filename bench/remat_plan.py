@@ -26,44 +26,33 @@ def block(ws, x):
     return x
 
 
-def tied(f):
-    """``f`` recomputed in the backward pass, after (an optimization barrier with) its cotangent."""
+def recomputed(run):
+    """A wrapper that stores only ``f``'s inputs and recomputes ``f`` in the backward pass;
+    ``run(recompute, (ws, x, ct))`` decides when ``recompute(ws, x, ct)`` may run."""
 
-    @jax.custom_vjp
-    def g(ws, x):
-        return f(ws, x)
+    def wrap(f):
+        @jax.custom_vjp
+        def g(ws, x):
+            return f(ws, x)
 
-    def fwd(ws, x):
-        return f(ws, x), (ws, x)
+        def fwd(ws, x):
+            return f(ws, x), (ws, x)
 
-    def bwd(res, ct):
-        ws, x, ct = jax.lax.optimization_barrier((*res, ct))
-        return jax.vjp(f, ws, x)[1](ct)
+        def bwd(res, ct):
+            return run(lambda ws, x, ct: jax.vjp(f, ws, x)[1](ct), (*res, ct))
 
-    g.defvjp(fwd, bwd)
-    return g
+        g.defvjp(fwd, bwd)
+        return g
+
+    return wrap
 
 
-def in_cond(f):
-    """``f`` recomputed in the backward pass inside a conditional on a value of its cotangent."""
-
-    @jax.custom_vjp
-    def g(ws, x):
-        return f(ws, x)
-
-    def fwd(ws, x):
-        return f(ws, x), (ws, x)
-
-    def bwd(res, ct):
-        def recompute(args):
-            ws, x, ct = args
-            return jax.vjp(f, ws, x)[1](ct)
-
-        # Both branches are the same: the predicate only makes the branch wait for the cotangent.
-        return jax.lax.cond(jnp.isfinite(ct.reshape(-1)[0]), recompute, recompute, (*res, ct))
-
-    g.defvjp(fwd, bwd)
-    return g
+# After an optimization barrier that ties the stored inputs to the cotangent.
+tied = recomputed(lambda recompute, args: recompute(*jax.lax.optimization_barrier(args)))
+# Inside a conditional on a value of the cotangent. Both branches are the same: the predicate only
+# makes the branch wait for the cotangent.
+in_cond = recomputed(lambda recompute, args: jax.lax.cond(
+    jnp.isfinite(args[-1].reshape(-1)[0]), lambda a: recompute(*a), lambda a: recompute(*a), args))
 
 
 def planned_mib(wrap) -> float:
