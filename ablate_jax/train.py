@@ -125,6 +125,12 @@ def make_objective(pipeline: Pipeline, selection: params_lib.Selection, loss_cfg
     return objective
 
 
+def encode_chunks_for(requested: int, rows_per_device: int) -> int:
+    """The chunk count :func:`make_objective` can use: at most ``requested``, splitting every device's
+    rows evenly (each chunk takes the same number of rows from every device)."""
+    return math.gcd(requested, rows_per_device)
+
+
 def make_train_step(pipeline: Pipeline, selection: params_lib.Selection, loss_cfg: losses.LossConfig,
                     tx: optax.GradientTransformation, *, seed: int, stop_sot_kv_grad: bool = True,
                     remat: str = "none", encode_chunks: int = 1):
@@ -248,7 +254,7 @@ def train(ctx: RunContext, *, progress: bool = True) -> dict[str, Any]:
     batch_sharding = sharding.batch_sharded(mesh)
     state_sharding, base_sharding = state_shardings(pipeline, selection, tx, mesh)
     base = sharding.put(params_lib.frozen_for_compute(pipeline.params, config.dtype), base_sharding)
-    chunks = math.gcd(t.encode_chunks, t.batch_size // n_dev)  # chunks must split every device's rows
+    chunks = encode_chunks_for(t.encode_chunks, t.batch_size // n_dev)
     # The state is donated to every step, so it must not share buffers with the base (on one
     # device, putting an array where it already is returns the same buffer).
     initial = selection.split(pipeline.params)

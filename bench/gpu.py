@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -38,7 +37,7 @@ import sd_shapes  # noqa: E402
 
 from ablate_jax import checkpointing, losses, sampling, sharding  # noqa: E402
 from ablate_jax import params as params_lib  # noqa: E402
-from ablate_jax.train import make_train_step  # noqa: E402
+from ablate_jax.train import encode_chunks_for, make_train_step  # noqa: E402
 
 # Dense bfloat16 peak, TFLOP/s, by the device kind JAX reports (vendors' specifications).
 PEAKS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L4": 121.0, "A10": 125.0, "L40": 181.0,
@@ -109,7 +108,7 @@ def bench_train(pipe, count_pipe, mesh, group: str, args, remat: str = "none") -
     loss_cfg = losses.LossConfig(loss="model_based", teacher="frozen", prior_weight=0.0, preserve_weight=0.0)
     rep, data = sharding.replicated(mesh), sharding.batch_sharded(mesh)
     # As ablate_jax.train runs it: the frozen base in the compute dtype, the VAE encoding in chunks.
-    chunks = math.gcd(args.encode_chunks, args.batch)
+    chunks = encode_chunks_for(args.encode_chunks, args.batch // mesh.size)
     step = jax.jit(make_train_step(pipe, selection, loss_cfg, tx, seed=0, remat=remat, encode_chunks=chunks),
                    in_shardings=(rep, rep, data), out_shardings=(rep, rep), donate_argnums=(0,))
     base = jax.device_put(params_lib.frozen_for_compute(pipe.params, jnp.bfloat16), rep)

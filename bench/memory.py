@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
@@ -58,7 +57,7 @@ def planned_bytes(group: str, dtype: str, remat: str, batch: int, resolution: in
 
     from ablate_jax import checkpointing, losses
     from ablate_jax import params as params_lib
-    from ablate_jax.train import make_train_step
+    from ablate_jax.train import encode_chunks_for, make_train_step
 
     pipe = sd_shapes.pipeline(size=size, dtype=jnp.dtype(dtype), abstract=True)
     rows = [] if group != "embedding" else [320, 1125]  # two target tokens, as a short name has
@@ -67,7 +66,7 @@ def planned_bytes(group: str, dtype: str, remat: str, batch: int, resolution: in
     loss_cfg = losses.LossConfig(loss="model_based", teacher="frozen",
                                  prior_weight=1.0 if group == "full" else 0.0, preserve_weight=0.0)
     # What ablate_jax.train runs: the frozen base in the compute dtype, the VAE encoding in chunks.
-    chunks = math.gcd(encode_chunks, batch)
+    chunks = encode_chunks_for(encode_chunks, batch)  # compiled for one device
     step = make_train_step(pipe, selection, loss_cfg, tx, seed=0, remat=remat, encode_chunks=chunks)
     state = jax.eval_shape(lambda p: checkpointing.initial_state(selection.split(p), tx), pipe.params)
     base = jax.eval_shape(lambda p: params_lib.frozen_for_compute(p, jnp.dtype(dtype)), pipe.params)
