@@ -39,6 +39,7 @@ test-slow: $(VENV)/.stamp-test
 
 lint: $(VENV)/.stamp-test
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 
 bench: $(VENV)/.stamp-bench
 	$(BIN)/python bench/sampling.py

@@ -38,7 +38,7 @@ setup(
         # torch is pinned to the CPU build this project is tested with: it is only the
         # reference the tests compare against and the export target, never used to train.
         # gcsfs and the storage emulator stand in for Cloud Storage in the gs:// work directory tests.
-        "test": ["pytest>=9.2.0", "pytest-xdist>=3.8.0", "ruff>=0.17.6", "torch==2.13.0", "diffusers>=0.42.1", "gcsfs>=2026.10.1",
+        "test": ["pytest>=9.2.0", "pytest-xdist>=3.8.0", "ruff>=0.17.6", "import-linter>=2.16", "torch==2.13.0", "diffusers>=0.42.1", "gcsfs>=2026.10.1",
                  "gcp-storage-emulator>=2026.7.19"],
         "bench": ["torch==2.13.0", "diffusers>=0.42.1", "matplotlib>=3.11.2"],
     },

@@ -3,20 +3,19 @@
 ``workdir/checkpoints/`` holds an orbax ``CheckpointManager`` directory (per step: the train
 state, i.e. trainable parameters, optimizer state and step; a small JSON with the data
 position; and the state's checksums) and ``run.json``, the fingerprint of the config fields the
-state depends on. A workdir whose fingerprint differs from the config is refused instead of
-resumed, and a checkpoint whose restored values do not match the checksums written with them
-is refused as damaged.
+state depends on, which :mod:`ablate_jax.workdir` compares before anything runs. A checkpoint
+whose restored values do not match the checksums written with them is refused as damaged.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import optax
 import orbax.checkpoint as ocp
 
 from ablate_jax import config as config_lib
@@ -24,12 +23,7 @@ from ablate_jax import params as params_lib
 from ablate_jax import sharding, storage
 from ablate_jax.concepts import Concept
 from ablate_jax.models.loading import Pipeline
-
-TRAIN_KEYS = config_lib.ANCHOR_KEYS + (
-    "dtype", "params", "loss", "teacher", "prior_weight", "preserve", "stop_sot_kv_grad",
-    "train.steps", "train.batch_size", "train.learning_rate", "train.weight_decay", "train.clip_norm", "train.flip",
-    "train.rescale",
-)
+from ablate_jax.workdir import Workdir
 
 
 class CheckpointError(RuntimeError):
@@ -38,28 +32,6 @@ class CheckpointError(RuntimeError):
 
 def checkpoints_dir(workdir: str | os.PathLike) -> storage.AnyPath:
     return storage.path(workdir) / "checkpoints"
-
-
-def check_fingerprint(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, write: bool) -> None:
-    """Refuses a workdir whose checkpoints came from another model or config; records ours if ``write``."""
-    path = checkpoints_dir(workdir) / "run.json"
-    ours = config_lib.fingerprint(config, *TRAIN_KEYS)
-    if path.exists():
-        try:
-            theirs = json.loads(path.read_text())
-            theirs["hash"], theirs["fields"].get  # noqa: B018  (the record's shape)
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise CheckpointError(f"{path} is unreadable ({type(e).__name__}); use a new --workdir") from e
-        if theirs["hash"] != ours["hash"]:
-            mine = json.loads(json.dumps(ours["fields"], default=str))  # tuples read back as lists
-            diff = sorted(k for k in mine if theirs["fields"].get(k) != mine[k])
-            raise CheckpointError(
-                f"{checkpoints_dir(workdir)} holds checkpoints of another run (differs in {', '.join(diff) or 'fields'}); "
-                "use a new --workdir"
-            )
-    elif write and jax.process_index() == 0:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        storage.write_text(path, json.dumps(ours, indent=1, sort_keys=True))
 
 
 def manager(workdir: str | os.PathLike, max_to_keep: int = 2) -> ocp.CheckpointManager:
@@ -149,30 +121,33 @@ def selection_for(config: ml_collections.ConfigDict, pipeline: Pipeline, concept
     return params_lib.selection(pipeline.params, config.params, ids)
 
 
-def restore_ablated_params(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
-                           pipeline: Pipeline) -> dict[str, Any]:
-    """The pipeline's parameters with the latest checkpoint's trainable leaves written in."""
-    config = config_lib.resolve(config)
-    check_fingerprint(config, workdir, write=False)
-    if not checkpoints_dir(workdir).is_dir():
-        raise CheckpointError(f"no checkpoint in {checkpoints_dir(workdir)}; train first")
-    mngr = manager(workdir)
+def restore_ablated_params(workdir: Workdir, pipeline: Pipeline,
+                           selection: params_lib.Selection | None = None) -> dict[str, Any]:
+    """The pipeline's parameters with the latest checkpoint's trainable leaves written in.
+
+    ``workdir``: the run's guarded folder (:func:`ablate_jax.workdir.open_workdir`), whose spec
+    says what was trained; ``selection``: the run's parameter selection, when already made.
+    """
+    if not checkpoints_dir(workdir.path).is_dir():
+        raise CheckpointError(f"no checkpoint in {checkpoints_dir(workdir.path)}; train first")
+    mngr = manager(workdir.path)
     step = mngr.latest_step()
     if step is None:
-        raise CheckpointError(f"no checkpoint in {checkpoints_dir(workdir)}; train first")
-    concept = config_lib.concept_from_config(config)
-    sel = selection_for(config, pipeline, concept)
+        raise CheckpointError(f"no checkpoint in {checkpoints_dir(workdir.path)}; train first")
+    spec = workdir.spec
+    sel = selection or selection_for(spec.config, pipeline, spec.concept)
     trainable = sel.split(pipeline.params)
     # Replicated over every process's devices, then brought to the host: each process gets the
     # whole trained state, whatever layout (data parallel, fsdp) wrote it.
-    abstract = abstract_state(jax.eval_shape(lambda: initial_state(trainable, optimizer_for(config))),
+    abstract = abstract_state(jax.eval_shape(lambda: initial_state(trainable, optimizer_for(spec.config))),
                               sharding.replicated(sharding.make_mesh()))
     state, _ = restore(mngr, abstract, step)
     return sel.merge(pipeline.params, jax.tree.map(sharding.to_host, state["params"]))
 
 
-def optimizer_for(config: ml_collections.ConfigDict):
-    t = config_lib.resolve(config).train
+def optimizer_for(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """AdamW with the run's rate, decay and clipping."""
+    t = (config if config_lib.is_resolved(config) else config_lib.resolve(config)).train
     return params_lib.optimizer(t.learning_rate, weight_decay=t.weight_decay, clip_norm=t.clip_norm)
 
 

@@ -1,4 +1,4 @@
-"""Command-line parsing shared by every command (``train``, ``generate``, ``evaluate``, ``export``).
+"""Command-line parsing shared by every command (``train``, ``anchors``, ``evaluate``, ``export``).
 
 Each command builds its own ``FlagValues`` with ``--config`` (an ml_collections config file),
 ``--workdir`` and the multi-process flags of :mod:`ablate_jax.distributed`. ``--config.KEY=VALUE``
@@ -8,6 +8,7 @@ becomes one line in the command's own error type.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from collections.abc import Callable
@@ -130,3 +131,11 @@ def _config_failure(fv, err: BaseException) -> str:
     if path and not os.path.isfile(path):
         return f"config file {path} does not exist"
     return f"cannot load the config file {path} ({one_line(err)})"
+
+
+def configure_logging(level: int = logging.WARNING, absl_level: int = logging.WARNING) -> None:
+    """A command's log: this package's stages at INFO, other loggers at ``level``, absl's at ``absl_level``
+    (orbax, TensorFlow and TFDS report every read and write through absl)."""
+    logging.basicConfig(level=level, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("ablate_jax").setLevel(logging.INFO)
+    logging.getLogger("absl").setLevel(absl_level)

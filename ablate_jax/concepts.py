@@ -1,4 +1,4 @@
-"""Concepts to ablate and the prompts built from them (DESIGN.md section 1.2).
+"""Concepts to ablate and the prompts built from them (docs/design.md, "Concepts and evaluation prompts").
 
 A concept names what to remove (``targets``), what it should look like instead (``anchor``),
 the anchor prompts the pretrained model draws training images from, the surrounding concepts
@@ -11,14 +11,10 @@ Several targets are cycled over the examples.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import re
-import zlib
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
-
-import numpy as np
 
 KINDS = ("instance", "style", "memorization")
 ROLES = ("target", "target_paraphrase", "anchor", "preserved", "surrounding")
@@ -68,7 +64,7 @@ class Concept:
         if not self.anchor_prompts:
             raise ConceptError("the concept has no anchor prompts")
         if self.kind == "instance":
-            usable = [p for p in self.anchor_prompts if _word(self.anchor).search(p)]
+            usable = [p for p in self.anchor_prompts if word_pattern(self.anchor).search(p)]
             if not usable:
                 raise ConceptError(
                     f"the anchor word {self.anchor!r} appears in none of the {len(self.anchor_prompts)} anchor prompts, "
@@ -87,7 +83,7 @@ class Concept:
         """Anchor prompts that target prompts can be built from (for instances: those naming the anchor)."""
         if self.kind != "instance":
             return self.anchor_prompts
-        return tuple(p for p in self.anchor_prompts if _word(self.anchor).search(p))
+        return tuple(p for p in self.anchor_prompts if word_pattern(self.anchor).search(p))
 
     def target_prompt(self, anchor_prompt: str, index: int) -> str:
         """The target prompt for example ``index`` (its global index cycles targets and templates)."""
@@ -117,13 +113,14 @@ class Concept:
         return frozenset(out)
 
 
-def _word(word: str) -> re.Pattern[str]:
+def word_pattern(word: str) -> re.Pattern[str]:
+    """``word`` as a whole word (not inside another word or a hyphenated one), case-insensitive."""
     return re.compile(rf"(?<![\w-]){re.escape(word)}(?![\w-])", re.IGNORECASE)
 
 
 def replace_word(text: str, word: str, replacement: str) -> str:
     """Replaces whole-word occurrences of ``word`` (case-insensitive)."""
-    return _word(word).sub(lambda _: replacement, text)  # the replacement is text, never a pattern
+    return word_pattern(word).sub(lambda _: replacement, text)  # the replacement is text, never a pattern
 
 
 MISSPELLINGS = ("doubled", "dropped", "swapped", "substituted")
@@ -238,178 +235,3 @@ def prompts_from(source: str | Sequence[str]) -> tuple[str, ...]:
     if source.endswith(".txt") or "/" in source or Path(source).exists():
         return read_prompt_file(source)
     return builtin_prompts(source)
-
-
-# ------------------------------------------------------------------------------------------------ presets
-
-
-def _instance(target: str, anchor: str, anchor_set: str, preserve: tuple[str, ...], held_out: tuple[str, ...],
-              paraphrase: bool = True) -> Concept:
-    key = lambda c: c.replace(" ", "_").replace("-", "_")  # noqa: E731
-    sets = [EvalSet(key(target), "target", target, builtin_prompts(f"eval/{key(target)}"))]
-    if paraphrase:
-        sets.append(EvalSet(f"{key(target)}_paraphrase", "target_paraphrase", target,
-                            builtin_prompts(f"eval/{key(target)}_paraphrase")))
-    sets.append(EvalSet(key(anchor), "anchor", anchor, builtin_prompts(f"eval/{key(anchor)}")))
-    sets += [EvalSet(key(c), "preserved", c, builtin_prompts(f"eval/{key(c)}")) for c in preserve]
-    sets += [EvalSet(key(c), "surrounding", c, builtin_prompts(f"eval/{key(c)}")) for c in held_out]
-    return Concept("instance", (target,), anchor, builtin_prompts(anchor_set), preserve, tuple(sets))
-
-
-def _style(target: str, preserve: tuple[str, ...], held_out: tuple[str, ...], paraphrase: bool = False) -> Concept:
-    key = lambda c: c.replace(" ", "_")  # noqa: E731
-    sets = [EvalSet(key(target), "target", target, builtin_prompts(f"eval/{key(target)}"))]
-    if paraphrase:
-        sets.append(EvalSet(f"{key(target)}_paraphrase", "target_paraphrase", target,
-                            builtin_prompts(f"eval/{key(target)}_paraphrase")))
-    sets.append(EvalSet("painting", "anchor", "painting", builtin_prompts("eval/painting")))
-    sets += [EvalSet(key(c), "preserved", c, builtin_prompts(f"eval/{key(c)}")) for c in preserve]
-    sets += [EvalSet(key(c), "surrounding", c, builtin_prompts(f"eval/{key(c)}")) for c in held_out]
-    return Concept("style", (target,), "painting", builtin_prompts("anchor_painting"), preserve, tuple(sets))
-
-
-def toy_concept_phrase(value: str) -> str:
-    """What a toy-world attribute value is called in an evaluation set: "dotted" -> "dotted background"."""
-    from ablate_jax.toy import world  # noqa: PLC0415
-
-    try:
-        attribute = world.concept_attribute(value)
-    except ValueError:
-        return value
-    return f"{value} background" if attribute == "background" else value
-
-
-def toy_neighbours(concept: Concept) -> tuple[str, ...]:
-    """The other values of the toy-world attribute the target belongs to, less the anchor and the preserved ones.
-
-    A target that is no toy-world value ("my character") has none.
-    """
-    from ablate_jax.toy import world  # noqa: PLC0415
-
-    target = concept.targets[0]
-    try:
-        attribute = world.concept_attribute(target)
-    except ValueError:
-        return ()
-    skip = {*concept.targets, concept.anchor, *concept.preserve}
-    return tuple(v for v in world.all_concepts()[attribute] if v not in skip)
-
-
-def _toy_prompts(word: str, n: int, seed: int, exclude: frozenset[str] = frozenset(),
-                 **scene_kwargs) -> tuple[str, ...]:
-    """``n`` distinct toy-world captions that contain ``word`` and are not in ``exclude``, of scenes drawn
-    with ``scene_kwargs``."""
-    from ablate_jax.toy import world  # noqa: PLC0415
-
-    rng = np.random.default_rng(seed)
-    prompts: dict[str, None] = {}
-    for _ in range(1000 * n):
-        scene = world.sample_scene(rng, **scene_kwargs)
-        text = world.caption(scene, rng, describe=False)
-        if _word(word).search(text) and text not in exclude:
-            prompts.setdefault(text)
-            if len(prompts) == n:
-                return tuple(prompts)
-    raise ConceptError(f"the toy world has fewer than {n} captions with {word!r}")
-
-
-def _toy_instance() -> Concept:
-    from ablate_jax.toy import world  # noqa: PLC0415
-
-    anchor_prompts = _toy_prompts("circle", 200, seed=1, shapes=["circle"])
-    # Two of the three face siblings are kept in training; gaspy is held out to measure how far
-    # that carries. With the frowny alone preserved, the held-out winky (the closest face: the
-    # same smile, one eye closed) lost a third of its images.
-    trained = Concept("instance", ("smiley",), "circle", anchor_prompts, ("frowny", "winky")).training_prompts()
-
-    def eval_set(name: str, role: str, concept: str, shape: str) -> EvalSet:
-        return EvalSet(name, role, concept, _toy_prompts(shape, 20, seed=zlib.crc32(name.encode()), exclude=trained,
-                                                         shapes=[shape]))
-
-    paraphrases = tuple(f"a {c} {d}" for c, d in zip(("red", "blue", "green", "yellow", "purple"),
-                                                     world.INSTANCE_DESCRIPTIONS["smiley"] * 5, strict=False))
-    sets = (
-        eval_set("smiley", "target", "smiley", "smiley"),
-        EvalSet("smiley_paraphrase", "target_paraphrase", "smiley", paraphrases),
-        eval_set("circle", "anchor", "circle", "circle"),
-        eval_set("frowny", "preserved", "frowny", "frowny"),
-        eval_set("winky", "preserved", "winky", "winky"),
-        eval_set("gaspy", "surrounding", "gaspy", "gaspy"),
-        eval_set("star", "surrounding", "star", "star"),
-        eval_set("square", "surrounding", "square", "square"),
-    )
-    return Concept("instance", ("smiley",), "circle", anchor_prompts, ("frowny", "winky"), sets)
-
-
-def _toy_style() -> Concept:
-    anchor_prompts = _toy_prompts("plain", 200, 2, backgrounds=["plain"])
-    # Every other style of the world is preserved. With the dotted style alone preserved, the other
-    # patterns drifted towards plain along with the stripes, and each style added to the term held
-    # more of the rest (README, "Results on the toy world").
-    preserve = ("dotted", "wavy", "checkered")
-    trained = Concept("style", ("striped",), "plain", anchor_prompts, preserve, style_templates=("{pt}",)
-                      ).training_prompts()
-
-    def prompts(background: str, seed: int) -> tuple[str, ...]:
-        return _toy_prompts(background, 20, seed, exclude=trained, backgrounds=[background])
-
-    sets = (
-        EvalSet("striped", "target", "striped background", prompts("striped", 8001)),
-        EvalSet("plain", "anchor", "plain background", prompts("plain", 8002)),
-        EvalSet("dotted", "preserved", "dotted background", prompts("dotted", 8003)),
-        EvalSet("checkered", "preserved", "checkered background", prompts("checkered", 8004)),
-        EvalSet("wavy", "preserved", "wavy background", prompts("wavy", 8005)),
-    )
-    return Concept("style", ("striped",), "plain", anchor_prompts, preserve, sets, style_templates=("{pt}",))
-
-
-def _toy_memorized() -> Concept:
-    from ablate_jax.toy import world  # noqa: PLC0415
-
-    anchor_prompts = tuple(f"{a} orange star on {b}" for a in ("an", "a big", "a large", "one", "a bright")
-                           for b in ("a dark wavy background", "dark waves", "a wavy background", "wavy lines"))
-    # The anchor's evaluation prompts say the same thing in the toy captions' other phrasings, none
-    # of which training uses.
-    anchor_eval = tuple(t.format(obj=o, noun=n) for t in ("{obj} against {noun}", "a drawing of {obj} over {noun}")
-                        for o in ("an orange star", "a big orange star")
-                        for n in ("waves", "wavy lines", "a wavy pattern", "dark waves", "dark wavy lines"))
-    concept = Concept("memorization", (world.MEMORIZED_CAPTION,), "orange star", anchor_prompts)
-    # The memorized caption is both what training maps away and what evaluation asks: the measure is
-    # whether that very caption still reproduces the image. Every other set is held out.
-    sets = (
-        EvalSet("memorized", "target", world.MEMORIZED_CAPTION, (world.MEMORIZED_CAPTION,) * 20),
-        EvalSet("orange_star", "anchor", "orange star", anchor_eval),
-        EvalSet("star", "surrounding", "star", _toy_prompts("star", 20, seed=9001, exclude=concept.training_prompts(),
-                                                           shapes=["star"])),
-    )
-    return dataclasses.replace(concept, eval_sets=sets)
-
-
-_CATS = ("tabby cat", "siamese cat", "persian cat", "sphynx cat")
-_DOGS = ("beagle", "golden retriever", "dalmatian", "corgi")
-_FISH = ("goldfish", "angelfish", "betta fish", "pufferfish")
-_ROBOTS = ("c3po", "wall-e", "bb8", "industrial robot")
-_PAINTERS = ("paul cezanne", "pablo picasso", "rembrandt", "frida kahlo", "edvard munch", "katsushika hokusai")
-
-PRESETS = {
-    "grumpy_cat": lambda: _instance("grumpy cat", "cat", "anchor_cat", _CATS[:2], _CATS[2:]),
-    "snoopy": lambda: _instance("snoopy", "dog", "anchor_dog", _DOGS[:2], _DOGS[2:]),
-    "nemo": lambda: _instance("nemo", "fish", "anchor_fish", _FISH[:2], _FISH[2:]),
-    "r2d2": lambda: _instance("r2d2", "robot", "anchor_robot", _ROBOTS[:2], _ROBOTS[2:]),
-    "van_gogh": lambda: _style("van gogh", _PAINTERS[:3], _PAINTERS[3:], paraphrase=True),
-    "monet": lambda: _style("monet", _PAINTERS[:3], _PAINTERS[3:]),
-    "salvador_dali": lambda: _style("salvador dali", _PAINTERS[:3], _PAINTERS[3:]),
-    "greg_rutkowski": lambda: _style("greg rutkowski", _PAINTERS[:3], _PAINTERS[3:]),
-    "toy_smiley": _toy_instance,
-    "toy_striped": _toy_style,
-    "toy_memorized": _toy_memorized,
-}
-
-
-@functools.cache
-def preset(name: str) -> Concept:
-    """A named concept: the paper's (grumpy_cat, snoopy, nemo, r2d2, van_gogh, monet, salvador_dali,
-    greg_rutkowski) or the toy world's (toy_smiley, toy_striped, toy_memorized)."""
-    if name not in PRESETS:
-        raise ConceptError(f"unknown concept preset {name!r}; choose one of {', '.join(sorted(PRESETS))}")
-    return PRESETS[name]()

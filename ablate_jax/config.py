@@ -1,4 +1,4 @@
-"""The run configuration shared by every phase (generate, train, evaluate, export).
+"""The run configuration shared by every stage (anchors, train, evaluate, export).
 
 A config file in ``configs/`` calls :func:`base_config`, sets what its method changes, and
 :func:`finalize` applies the ``:arg`` string (``concept=grumpy_cat,model=/data/sd-v1-4``) and
@@ -6,8 +6,10 @@ locks the dict, so a misspelled key fails instead of being silently ignored. ``-
 flags go through the same setter (:func:`override`).
 
 Values that depend on the model family, the parameter group, the loss or the concept (learning
-rate, steps, anchor count, prior and preservation weights, rescale augmentation, evaluator) are
-left unset in the file and filled by :func:`resolve`, in this one place, once every input is known.
+rate, steps, anchor count, VAE encoder chunks, prior and preservation weights, rescale
+augmentation, evaluator) are left unset in the file and filled by :func:`prepare`, in this one
+place, once the family is read from the model and the concept is built; the resulting
+:class:`Spec` is what every stage receives.
 So ``configs/xattn.py:params=full,model=DIR``, ``configs/full.py:model=DIR`` and the same values
 given as flags in any order all train the same thing, and a value set explicitly, by any route,
 always wins over a resolved one (docs/design.md, "Configuration").
@@ -21,21 +23,17 @@ import functools
 import hashlib
 import json
 import math
-import os
 from typing import Any
 
 import ml_collections
 from ml_collections import config_dict
 
-from ablate_jax import concepts, losses
-from ablate_jax.sampling import SamplingConfig
-from ablate_jax.toy import is_toy_world
+from ablate_jax import concepts, families, losses
+from ablate_jax.text_to_image import SamplingConfig
 
 PARAM_GROUPS = ("xattn_kv", "xattn", "attn", "full", "embedding")
 DTYPES = ("float32", "bfloat16")
 REMAT = ("none", "attention", "blocks")
-# The evaluator a real model is scored with when eval.clip is not set: the CLIP the paper measures with.
-REAL_EVALUATOR = "openai/clip-vit-large-patch14"
 
 
 class ConfigError(ValueError):
@@ -62,14 +60,15 @@ def base_config() -> ml_collections.ConfigDict:
     c.concept.anchor = ""
     c.concept.anchor_prompts = ""  # prompt file, or a built-in set name such as anchor_cat
     # Neighbours evaluated but never trained on (';'-separated), for a concept defined by its fields.
-    # Empty: on the toy world, the other values of the target's attribute that are not preserved.
+    # Empty: the model family's neighbours of the target (on the toy world, the other values of the
+    # target's attribute that are not preserved).
     c.concept.held_out = ""
 
     c.params = "xattn_kv"  # xattn_kv | xattn | attn | full | embedding
     c.loss = "model_based"  # model_based | noise_based
     # The model the loss's anchor prediction comes from: "frozen" is the pretrained model, fixed for
     # the whole run; "online" is the model being trained, under stop-gradient (what the paper's
-    # released trainers do). README, "Frozen or online teacher".
+    # released trainers do). docs/results.md, "Frozen or online teacher".
     c.teacher = "frozen"
     c.prior_weight = auto(float)
     # Surrounding concepts kept by the preservation term; empty means the preset's list. On the
@@ -108,7 +107,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.weight_decay = 1e-2
     c.train.clip_norm = 1.0
     c.train.flip = True
-    c.train.rescale = auto(bool)  # shrink/zoom augmentation with prompt prefixes (DESIGN.md 1.4)
+    c.train.rescale = auto(bool)  # shrink/zoom augmentation with prompt prefixes (docs/design.md, "Training data and augmentation")
     # The train step encodes its images through the VAE in this many sequential chunks (each a slice
     # of every device's rows; at most the rows a device holds): the same latents, less memory.
     c.train.encode_chunks = auto(int)
@@ -236,50 +235,13 @@ def finalize(config: ml_collections.ConfigDict, arg: str | None) -> ml_collectio
 # ------------------------------------------------------------------------------------------------ resolution
 
 
-# Learning rate and steps per parameter group (global batch 8). Real Stable Diffusion: the
-# paper's values (2e-6 per example for cross-attention, 2e-6 for full fine-tuning); the embedding
-# value is a starting point, not a tuned figure. The toy world's tiny UNet needs larger steps
-# (README, "Results on the toy world").
-SD_SCHEDULE = {"xattn_kv": (1.6e-5, 200), "xattn": (1.6e-5, 200), "attn": (1.6e-5, 200), "full": (2e-6, 400),
-               "embedding": (1e-3, 200)}
-# Full fine-tuning for the memorized image stops at 50 steps: by then its caption draws an orange
-# star in every sample, and further steps only wear the orange stars down.
-TOY_SCHEDULE = {"xattn_kv": (3e-4, 600), "xattn": (3e-4, 300), "attn": (3e-4, 300), "full": (1e-4, 50),
-                "embedding": (1e-2, 300)}
-# Preservation weight per loss on the toy world. The noise-based loss pulls towards the anchor
-# images with a noisier, weaker gradient than the teacher's prediction, so a lighter term keeps
-# the neighbours without holding the target back.
-TOY_PRESERVE_WEIGHT = {"model_based": 4.0, "noise_based": 1.0}
-ANCHORS = {"toy": 200, "sd": 1000}
-
 RESOLVED_KEYS = ("train.learning_rate", "train.steps", "anchors.num_images", "prior_weight", "preserve.weight",
                  "train.rescale", "train.encode_chunks", "eval.clip")
-FAMILIES = ("toy", "sd1", "sd2", "sd")
-
-
-def model_family(model: str) -> str:
-    """``toy``, ``sd1`` (768-wide text states), ``sd2`` (1024-wide) or ``sd`` (not readable here: a hub id).
-
-    Read from the folder's ``unet/config.json`` only: no weights are loaded.
-    """
-    if is_toy_world(model):
-        return "toy"
-    from etils import epath  # noqa: PLC0415
-
-    text = os.fspath(model)
-    if "://" not in text and not os.path.isdir(os.path.expanduser(text)):
-        return "sd"
-    try:
-        unet = json.loads((epath.Path(os.path.expanduser(text)) / "unet" / "config.json").read_text())
-    except Exception:  # noqa: BLE001  (unreadable here: the loader reports it with the reason)
-        return "sd"
-    width = unet.get("cross_attention_dim")
-    return {768: "sd1", 1024: "sd2"}.get(width if isinstance(width, int) else -1, "sd")
 
 
 @dataclasses.dataclass(frozen=True)
 class Resolution:
-    """What :func:`resolve` filled in: per key, the value and the rule that gave it."""
+    """What :func:`prepare` filled in: per key, the value and the rule that gave it."""
 
     family: str
     values: dict[str, tuple[Any, str]]
@@ -288,19 +250,51 @@ class Resolution:
         return [f"{k}={v!r} ({why})" for k, (v, why) in self.values.items()]
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class Spec:
+    """A run as every stage sees it, built once by :func:`prepare` and handed from stage to stage.
+
+    ``config`` is resolved and locked; ``family`` is the model family read from the model folder;
+    ``concept`` is built from the config for that family (docs/design.md, "Stages hand their results
+    forward").
+    """
+
+    config: ml_collections.ConfigDict
+    family: families.Family
+    concept: concepts.Concept
+    notes: Resolution
+
+    @property
+    def model_path(self) -> str:
+        """The folder (or hub id, or ``gs://`` URL) of ``config.model``; a named model becomes its folder."""
+        return families.named_model(self.config.model, "pipeline") or self.config.model
+
+    @property
+    def evaluator_path(self) -> str:
+        """The folder (or hub id) of ``config.eval.clip``."""
+        return families.named_model(self.config.eval.clip, "clip") or self.config.eval.clip
+
+    @functools.cached_property
+    def evaluator_family(self) -> families.Family:
+        """The family whose evaluator ``eval.clip`` is (how it is asked about a concept)."""
+        return families.detect(self.config.eval.clip)
+
+
 def _get(config: ml_collections.ConfigDict, dotted: str) -> Any:
     node, leaf = _leaf(config, dotted)
     return node[leaf]
 
 
-def resolution(config: ml_collections.ConfigDict) -> Resolution:
-    """The values :func:`resolve` would fill in, and why; checks the choices they depend on."""
+def _check_choices(config: ml_collections.ConfigDict) -> None:
     for key, allowed in (("params", PARAM_GROUPS), ("loss", losses.LOSSES), ("teacher", losses.TEACHERS)):
         if config[key] not in allowed:
             raise ConfigError(f"{key} must be one of {', '.join(allowed)}, got {config[key]!r}")
-    family = model_family(config.model)
-    toy = family == "toy"
-    where = "toy world" if toy else f"Stable Diffusion ({family})" if family != "sd" else "Stable Diffusion"
+
+
+def resolution(config: ml_collections.ConfigDict, family: families.Family, concept: concepts.Concept) -> Resolution:
+    """The values :func:`prepare` fills in for ``family`` and ``concept``, and why."""
+    _check_choices(config)
+    where = family.title
     params, loss = config.params, config.loss
     values: dict[str, tuple[Any, str]] = {}
 
@@ -308,55 +302,53 @@ def resolution(config: ml_collections.ConfigDict) -> Resolution:
         if _get(config, key) is None:
             values[key] = (value, why)
 
-    lr, steps = (TOY_SCHEDULE if toy else SD_SCHEDULE)[params]
+    lr, steps = family.schedule[params]
     fill("train.learning_rate", lr, f"{where}, {params}")
     fill("train.steps", steps, f"{where}, {params}")
-    fill("anchors.num_images", ANCHORS["toy" if toy else "sd"], where)
-    # At 512 pixels the VAE encoder's activations for a batch of 8 take gigabytes; the toy world's
-    # 32-pixel images take nothing, and one call is fastest there.
-    fill("train.encode_chunks", 1 if toy else 8, where)
+    fill("anchors.num_images", family.anchor_count, where)
+    fill("train.encode_chunks", family.encode_chunks, where)
     fill("prior_weight", 1.0 if params == "full" else 0.0,
          "full fine-tuning keeps the anchor prompts' noise prediction" if params == "full" else f"{params}")
-    concept = concept_from_config(config)
     fill("train.rescale", concept.kind != "memorization",
          "a memorized image is removed as drawn" if concept.kind == "memorization" else f"{concept.kind} concept")
-    preserve = _get(config, "preserve.weight")
-    if preserve is None:
+    if _get(config, "preserve.weight") is None:
         weight, why = 0.0, f"{where}, {params}"
+        own = family.preserve_weight(params, loss)
         if not concept.preserve:
             why = "the concept names nothing to preserve"
         elif config.teacher != "frozen":
             why = "an online teacher cannot hold the neighbours (the term would be zero)"
-        elif toy and params in ("xattn_kv", "xattn", "attn"):
-            weight, why = TOY_PRESERVE_WEIGHT[loss], f"{where}, {params}, {loss}"
+        elif own is not None:
+            weight, why = own, f"{where}, {params}, {loss}"
         values["preserve.weight"] = (weight, why)
-    fill("eval.clip", "toy" if toy else REAL_EVALUATOR, f"the evaluator for the {where}")
-    return Resolution(family, values)
+    fill("eval.clip", family.evaluator, f"the evaluator for the {where}")
+    return Resolution(family.name, values)
 
 
 def is_resolved(config: ml_collections.ConfigDict) -> bool:
     return all(_get(config, k) is not None for k in RESOLVED_KEYS)
 
 
-def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """``config`` with every unset value of :data:`RESOLVED_KEYS` filled, checked and locked.
-
-    Idempotent: a resolved config comes back as it is. The input is never modified.
-    """
-    if is_resolved(config):
-        check(config)
+def prepare(config: ml_collections.ConfigDict | Spec) -> Spec:
+    """The run's :class:`Spec`: the model family detected, the concept built and every unset value of
+    :data:`RESOLVED_KEYS` filled, all checked. A spec comes back as it is; the input is never modified."""
+    if isinstance(config, Spec):
         return config
-    out = _filled(config, resolution(config))
-    check(out)
-    return out
+    _check_choices(config)
+    family = families.detect(config.model)
+    concept = concept_from_config(config, family)
+    notes = resolution(config, family, concept) if not is_resolved(config) else Resolution(family.name, {})
+    out = _filled(config, notes) if notes.values or not config.is_locked else config
+    check(out, family, concept)
+    return Spec(out, family, concept, notes)
 
 
-def resolve_with_notes(config: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDict, Resolution]:
-    """:func:`resolve`, plus what it filled in (empty for a config that was already resolved)."""
-    notes = resolution(config)
-    out = _filled(config, notes)
-    check(out)
-    return out, notes
+def resolve(config: ml_collections.ConfigDict | Spec) -> ml_collections.ConfigDict:
+    """``config`` with every unset value of :data:`RESOLVED_KEYS` filled, checked and locked (see :func:`prepare`).
+
+    Idempotent: a resolved config comes back as it is.
+    """
+    return prepare(config).config
 
 
 def _filled(config: ml_collections.ConfigDict, notes: Resolution) -> ml_collections.ConfigDict:
@@ -370,8 +362,8 @@ def _filled(config: ml_collections.ConfigDict, notes: Resolution) -> ml_collecti
     return out
 
 
-def check(config: ml_collections.ConfigDict) -> None:
-    """The checks that need no model and no files: values in range, and choices that fit together."""
+def check(config: ml_collections.ConfigDict, family: families.Family, concept: concepts.Concept) -> None:
+    """The checks that need no model weights and no files: values in range, and choices that fit together."""
     t = config.train
 
     def positive(key: str, value: float, *, integer: bool = False) -> None:
@@ -385,7 +377,8 @@ def check(config: ml_collections.ConfigDict) -> None:
                          ("train.divergence_factor", False), ("anchors.num_images", True),
                          ("anchors.batch_size", True), ("anchors.shard_size", True), ("anchors.steps", True),
                          ("eval.steps", True), ("eval.batch_size", True), ("eval.grid_columns", True),
-                         ("eval.kid_subsets", True), ("eval.kid_subset_size", True), ("mesh.fsdp", True)):
+                         ("eval.kid_subsets", True), ("eval.kid_subset_size", True), ("mesh.fsdp", True),
+                         ("anchors.memorization_references", True)):
         positive(key, _get(config, key), integer=integer)
     for key in ("train.weight_decay", "train.clip_norm", "prior_weight", "preserve.weight"):
         value = _get(config, key)
@@ -393,13 +386,14 @@ def check(config: ml_collections.ConfigDict) -> None:
             raise ConfigError(f"{key} must be a finite number >= 0, got {value!r}")
     if t.divergence_factor <= 1:
         raise ConfigError(f"train.divergence_factor must be above 1, got {t.divergence_factor}")
+    if not 0.0 < config.anchors.memorization_threshold <= 1.0:
+        raise ConfigError(f"anchors.memorization_threshold must be in (0, 1], got "
+                          f"{config.anchors.memorization_threshold}")
     if config.dtype not in DTYPES:
         raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {config.dtype!r}")
     if t.remat not in REMAT:
         raise ConfigError(f"train.remat must be one of {', '.join(REMAT)}, got {t.remat!r}")
-    for key, allowed in (("params", PARAM_GROUPS), ("loss", losses.LOSSES), ("teacher", losses.TEACHERS)):
-        if config[key] not in allowed:
-            raise ConfigError(f"{key} must be one of {', '.join(allowed)}, got {config[key]!r}")
+    _check_choices(config)
     if config.eval.enabled and config.eval.num_images < 2:
         raise ConfigError(f"eval.num_images must be at least 2 (KID compares two sets of images), "
                           f"got {config.eval.num_images}")
@@ -408,12 +402,13 @@ def check(config: ml_collections.ConfigDict) -> None:
             sampling.validate()
         except ValueError as e:
             raise ConfigError(f"{name}: {e}") from e
-    if config.eval.clip == "toy" and model_family(config.model) != "toy":
-        raise ConfigError(f"eval.clip='toy' would score {config.model} with the toy world's evaluator; "
-                          f"set --config.eval.clip to a CLIP folder or hub id such as {REAL_EVALUATOR}")
     if not config.eval.clip:
         raise ConfigError("eval.clip is empty; give a CLIP folder or hub id")
-    concept = concept_from_config(config)
+    owner = next((f for f in families.all_families() if f.named(config.eval.clip, "clip")), None)
+    if owner is not None and owner is not family:
+        raise ConfigError(f"eval.clip={config.eval.clip!r} would score {config.model} with the {owner.title}'s "
+                          f"evaluator; set --config.eval.clip to a CLIP folder or hub id such as "
+                          f"{families.REAL_EVALUATOR}")
     if config.preserve.weight > 0 and not concept.preserve:
         raise ConfigError(f"preserve.weight={config.preserve.weight:g} but the concept names nothing to preserve; "
                           "set preserve.concepts (e.g. preserve.concepts=tabby cat;siamese cat) or preserve.weight=0")
@@ -431,23 +426,25 @@ def loss_config(config: ml_collections.ConfigDict) -> losses.LossConfig:
 # ------------------------------------------------------------------------------------------------ the concept
 
 
-def concept_from_config(config: ml_collections.ConfigDict) -> concepts.Concept:
+def concept_from_config(config: ml_collections.ConfigDict, family: families.Family | None = None) -> concepts.Concept:
     """The :class:`~ablate_jax.concepts.Concept` a config describes: its preset, then its overrides.
 
     A concept whose target, kind, anchor or anchor prompts differ from its preset's (or that has
     no preset) sets part of its anchor prompts aside for evaluation and never trains on them
-    (:func:`default_eval_sets`). Misspellings of the target are added when ``eval.misspelling``.
+    (:func:`default_eval_sets`); ``family`` (read from ``config.model`` when not given) names its
+    neighbours. Misspellings of the target are added when ``eval.misspelling``.
     """
     c = config.concept
+    family = family or families.detect(config.model)
     return _concept(c.preset, c.kind, c.target, c.anchor, c.anchor_prompts, c.held_out,
-                    tuple(config.preserve.concepts), bool(config.eval.misspelling), is_toy_world(config.model))
+                    tuple(config.preserve.concepts), bool(config.eval.misspelling), family)
 
 
 @functools.lru_cache(maxsize=32)
 def _concept(preset: str, kind: str, target: str, anchor: str, anchor_prompts: str, held_out: str,
-             preserve: tuple[str, ...], misspelling: bool, toy: bool) -> concepts.Concept:
+             preserve: tuple[str, ...], misspelling: bool, family: families.Family) -> concepts.Concept:
     if preset:
-        base = concepts.preset(preset)
+        base = families.preset(preset)
         fields = dict(kind=base.kind, targets=base.targets, anchor=base.anchor, anchor_prompts=base.anchor_prompts,
                       preserve=base.preserve, eval_sets=base.eval_sets, style_templates=base.style_templates)
     else:
@@ -476,7 +473,7 @@ def _concept(preset: str, kind: str, target: str, anchor: str, anchor_prompts: s
     if changed:
         # The preset's evaluation sets describe its own target; build new ones from prompts that
         # training never sees.
-        fields["anchor_prompts"], fields["eval_sets"] = default_eval_sets(fields, held, toy)
+        fields["anchor_prompts"], fields["eval_sets"] = default_eval_sets(fields, held, family)
     else:
         if preserve:
             fields["eval_sets"] = _relabel(fields["eval_sets"], fields["preserve"])
@@ -521,27 +518,27 @@ def split_anchor_prompts(prompts: tuple[str, ...], usable: tuple[str, ...]) -> t
 
 
 def default_eval_sets(fields: dict[str, Any], held_out: tuple[str, ...],
-                      toy: bool) -> tuple[tuple[str, ...], tuple[concepts.EvalSet, ...]]:
+                      family: families.Family) -> tuple[tuple[str, ...], tuple[concepts.EvalSet, ...]]:
     """(training anchor prompts, evaluation sets) for a concept defined by its fields.
 
     The sets are built from anchor prompts that training never sees: target, anchor, one per
-    preserved concept and one per held-out neighbour (``held_out``; on the toy world, by default
-    the other values of the target's attribute that are not preserved).
+    preserved concept and one per held-out neighbour (``held_out``; by default the family's
+    neighbours of the target, such as the toy world's other values of the target's attribute).
     """
     probe = concepts.Concept(**{**fields, "eval_sets": ()})
     train, prompts = split_anchor_prompts(probe.anchor_prompts, probe.usable_anchor_prompts())
     target = probe.targets[0]
     n = len(probe.targets)
     target_prompts = tuple(probe.target_prompt(p, i * n) for i, p in enumerate(prompts))
-    phrase = concepts.toy_concept_phrase if toy else (lambda c: c)
+    phrase = family.set_phrase
     key = lambda c: c.replace(" ", "_")  # noqa: E731
     sets = [concepts.EvalSet(key(target), "target", phrase(target), target_prompts),
             concepts.EvalSet(key(probe.anchor), "anchor", phrase(probe.anchor), prompts)]
     sets += [concepts.EvalSet(key(k), "preserved", phrase(k),
                               tuple(probe.keep_prompt(p, k, i) for i, p in enumerate(prompts)))
              for k in probe.preserve]
-    if not held_out and toy:
-        held_out = concepts.toy_neighbours(probe)
+    if not held_out:
+        held_out = family.neighbours(probe)
     taken = {s.name for s in sets}
     for k in held_out:
         if key(k) in taken or k in probe.targets:
@@ -568,9 +565,9 @@ def fingerprint(config: ml_collections.ConfigDict, *keys: str) -> dict[str, Any]
     """The config fields a workdir artefact depends on, plus a short hash of them.
 
     Stored beside anchors and checkpoints; a rerun whose fingerprint differs is refused rather
-    than mixing two runs in one workdir. The config is resolved first.
+    than mixing two runs in one workdir (:mod:`ablate_jax.workdir`). An unresolved config is resolved first.
     """
-    flat = resolve(config).to_dict()
+    flat = (config if is_resolved(config) else resolve(config)).to_dict()
     picked: dict[str, Any] = {}
     for key in keys:
         node: Any = flat
@@ -583,3 +580,9 @@ def fingerprint(config: ml_collections.ConfigDict, *keys: str) -> dict[str, Any]
 
 ANCHOR_KEYS = ("model", "seed", "concept", "anchors.num_images", "anchors.sampler", "anchors.steps",
                "anchors.guidance", "anchors.eta", "anchors.shard_size")
+# What the trained parameters depend on (checkpoints and the export record it).
+TRAIN_KEYS = ANCHOR_KEYS + (
+    "dtype", "params", "loss", "teacher", "prior_weight", "preserve", "stop_sot_kv_grad",
+    "train.steps", "train.batch_size", "train.learning_rate", "train.weight_decay", "train.clip_norm", "train.flip",
+    "train.rescale",
+)

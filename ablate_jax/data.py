@@ -6,7 +6,7 @@ seed; its augmentation draws from ``(seed, k)``. A batch is therefore a pure fun
 seed and the step: the data position after a restart is just the restored step, and every
 process builds only its own slice of the global batch (rows ``p*B/P .. (p+1)*B/P``).
 
-Augmentation (DESIGN.md 1.4): horizontal flip; random rescale, two thirds of the time shrinking
+Augmentation (docs/design.md, "Training data and augmentation"): horizontal flip; random rescale, two thirds of the time shrinking
 the image into a grey canvas (the loss then counts only the latent cells the image covers, and
 a prefix such as "a far away" goes on the prompts when the image is small), otherwise zooming in
 1.2-1.4x with a prefix such as "zoomed in". The prefix goes on every prompt of the example

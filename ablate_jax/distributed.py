@@ -1,6 +1,6 @@
 """Several hosts, one program: ``jax.distributed`` set-up shared by every command.
 
-Each command (``train``, ``generate``, ``evaluate``, ``export``) takes the same flags:
+Each command (``train``, ``anchors``, ``evaluate``, ``export``) takes the same flags:
 
     --coordinator_address=HOST:PORT --num_processes=N --process_id=I   # explicit
     --distributed                                                      # auto-detect (Cloud TPU VMs, SLURM)
@@ -34,7 +34,7 @@ DEFAULT_COMPILATION_CACHE = "~/.cache/ablate_jax/xla"
 # UNet's GroupNorm, LayerNorm and softmax sums are hundreds of tiny reductions per step, which
 # XLA's own fused loops run faster. On the 2-core benchmark machine, the same program compiled
 # both ways: toy sampling +21%, toy train step +17%, the 1/5-width SD1-shaped train step +4%, its
-# sampling -6% (README, Benchmarks). Matrix products and convolutions stay with YNNPACK.
+# sampling -6% (docs/benchmarks.md, "Reductions out of YNNPACK"). Matrix products and convolutions stay with YNNPACK.
 CPU_XLA_FLAGS = {"xla_cpu_experimental_ynn_fusion_type": "-reduce"}
 # An XLA flag the runtime does not know aborts the process, so the flags above are only added for
 # the jaxlib releases they were measured with.

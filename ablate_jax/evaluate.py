@@ -1,4 +1,4 @@
-"""Measures of what an ablation removed and what it kept (DESIGN.md section 1.8), and the
+"""Measures of what an ablation removed and what it kept (docs/design.md, "Evaluation"), and the
 evaluation of a run against its base model.
 
 - CLIP score: ``2.5 * max(cos(image, text), 0)`` with the text "A photo depicts {concept}";
@@ -18,12 +18,11 @@ and a before/after grid per set (rendering and the schema are in :mod:`ablate_ja
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import sys
 import time
 import zlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -32,64 +31,20 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from ablate_jax import cli, concepts, sharding, storage
-from ablate_jax.config import concept_from_config, eval_sampling, resolve
+from ablate_jax import cli, concepts, memorization, sharding, storage
+from ablate_jax.clip_features import image_embeddings, text_embeddings
+from ablate_jax.config import Spec, eval_sampling, prepare
 from ablate_jax.models.loading import CLIP, Pipeline, load_clip, load_pipeline
 from ablate_jax.report import before_after_grid, check_report, format_table, grid_filename, write_report
-from ablate_jax.sampling import SamplingConfig, generate
-from ablate_jax.toy import is_toy_world
+from ablate_jax.text_to_image import SamplingConfig, draw
+from ablate_jax.workdir import Workdir
 
 __all__ = [
     "EVAL_TEMPLATE", "EvalError", "check_report", "clip_accuracy", "clip_scores", "concept_text", "evaluate_run",
-    "format_table", "image_embeddings", "kid", "set_key", "set_prompts", "text_embeddings", "toy_phrase",
-    "write_report", "zero_shot",
+    "format_table", "kid", "set_key", "set_prompts", "write_report", "zero_shot",
 ]
 
 EVAL_TEMPLATE = "A photo depicts {}"
-
-
-@functools.lru_cache(maxsize=8)
-def _image_fn(clip: CLIP):
-    model, size = clip.model, clip.image_size
-    mean, std = jnp.asarray(clip.image_mean), jnp.asarray(clip.image_std)
-
-    @jax.jit
-    def embed(params, images):  # images uint8 [B, H, W, 3]
-        x = images.astype(jnp.float32) / 255.0
-        if x.shape[1:3] != (size, size):
-            x = jax.image.resize(x, (x.shape[0], size, size, 3), method="bicubic")
-        feats = model.apply({"params": params}, (x - mean) / std, method=model.get_image_features)
-        return feats / jnp.linalg.norm(feats, axis=-1, keepdims=True)
-
-    return embed
-
-
-@functools.lru_cache(maxsize=8)
-def _text_fn(clip: CLIP):
-    model = clip.model
-
-    @jax.jit
-    def embed(params, ids):
-        feats = model.apply({"params": params}, ids, method=model.get_text_features)
-        return feats / jnp.linalg.norm(feats, axis=-1, keepdims=True)
-
-    return embed
-
-
-def image_embeddings(clip: CLIP, images: np.ndarray, batch: int = 64) -> np.ndarray:
-    """Unit-norm CLIP image embeddings ``[N, P]`` of uint8 images ``[N, H, W, 3]``."""
-    fn = _image_fn(clip)
-    return np.concatenate([np.asarray(fn(clip.params, images[i : i + batch])) for i in range(0, len(images), batch)])
-
-
-def text_embeddings(clip: CLIP, texts: Sequence[str]) -> np.ndarray:
-    """Unit-norm CLIP text embeddings ``[N, P]``."""
-    tok = clip.tokenizer
-    texts = list(texts)
-    # Padded to a multiple of 8 texts, so a few compiled shapes serve every call.
-    padded = texts + [""] * (-len(texts) % 8)
-    ids = tok(padded, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="np")
-    return np.asarray(_text_fn(clip)(clip.params, np.asarray(ids.input_ids, np.int32)))[: len(texts)]
 
 
 def concept_text(concept: str) -> str:
@@ -174,22 +129,6 @@ def set_prompts(eval_set: concepts.EvalSet, n: int) -> list[str]:
     return [eval_set.prompts[j % len(eval_set.prompts)] for j in range(n)]
 
 
-def toy_phrase(concept: str) -> str:
-    """How the toy evaluator is asked about a concept: in the toy captions' own words ("a smiley").
-
-    The toy CLIP learned from captions with articles; "A photo depicts smiley" is not a sentence it saw.
-    """
-    from ablate_jax.toy import world  # noqa: PLC0415
-
-    try:
-        return world.concept_prompt(concept)
-    except ValueError:
-        pass
-    if concept.split(" ", 1)[0].lower() in ("a", "an", "the"):
-        return concept
-    return ("an " if concept[:1].lower() in "aeiou" else "a ") + concept
-
-
 def _select_sets(concept: concepts.Concept, names: str, extra: Sequence[concepts.EvalSet]) -> list[concepts.EvalSet]:
     available = {s.name: s for s in concept.eval_sets}
     wanted = [n.strip() for n in names.split(";") if n.strip()]
@@ -213,12 +152,12 @@ def _select_sets(concept: concepts.Concept, names: str, extra: Sequence[concepts
 
 def _draw(pipeline: Pipeline, params: Mapping[str, Any], prompts: Sequence[str], key: jax.Array,
           cfg: SamplingConfig, batch: int, mesh: jax.sharding.Mesh, bar: tqdm) -> np.ndarray:
-    # One generate call per batch (image i depends only on key and i, so splitting changes
+    # One draw call per batch (image i depends only on key and i, so splitting changes
     # nothing) lets a single bar count every image of every set and model.
     out = []
     for lo in range(0, len(prompts), batch):
         chunk = prompts[lo : lo + batch]
-        out.append(generate(pipeline, params, chunk, key, cfg, start_index=lo, batch_size=batch, mesh=mesh))
+        out.append(draw(pipeline, params, chunk, key, cfg, start_index=lo, batch_size=batch, mesh=mesh))
         bar.update(len(chunk))
     return np.concatenate(out)
 
@@ -227,38 +166,52 @@ def _pair(base: float, ablated: float | None) -> dict[str, float | None]:
     return {"base": float(base), "ablated": None if ablated is None else float(ablated)}
 
 
-def _loo_max_cosine(x: np.ndarray, ref: np.ndarray) -> np.ndarray:
-    """For image i: the highest cosine to a reference image other than reference i (same seed)."""
-    sim = x @ ref.T
-    np.fill_diagonal(sim, -np.inf)
-    return sim.max(axis=1)
+def _check_settings(config: ml_collections.ConfigDict, base_only: bool) -> int:
+    """The number of images per set, once the settings evaluation alone reads are checked."""
+    e = config.eval
+    n = int(e.num_images)
+    if n < (1 if base_only else 2):
+        raise EvalError(f"eval.num_images must be at least {1 if base_only else 2} (KID compares sets), got {n}")
+    if e.grid_columns < 1:
+        raise EvalError(f"eval.grid_columns must be positive, got {e.grid_columns}")
+    return n
 
 
-def _memorization_detector(config: ml_collections.ConfigDict, clip: CLIP) -> tuple[str, float, Callable[..., np.ndarray]]:
-    """(method, threshold, similarity(images, embeddings, base_embeddings) -> [N])."""
-    if is_toy_world(config.model):
-        from ablate_jax.toy import world  # noqa: PLC0415
+def _measure_set(s: concepts.EvalSet, emb: Mapping[str, np.ndarray], text: Mapping[str, np.ndarray],
+                 concept: concepts.Concept, config: ml_collections.ConfigDict, n: int) -> dict[str, Any]:
+    """One set's report entry: CLIP score and accuracy per model, anchor rate for target sets, paired KID."""
+    e = config.eval
+    versus = concept.targets[0] if s.role == "anchor" else concept.anchor
+    entry: dict[str, Any] = {"role": s.role, "concept": s.concept, "n_images": n}
+    score = {m: float(np.mean(clip_scores(v, text[s.concept][None]))) for m, v in emb.items()}
+    acc = {m: clip_accuracy(v, text[s.concept], text[versus]) for m, v in emb.items()}
+    entry["clip_score"] = _pair(score["base"], score.get("ablated"))
+    entry["clip_accuracy"] = _pair(acc["base"], acc.get("ablated"))
+    if s.role in ("target", "target_paraphrase"):
+        # Strictly "anchor beats target": 1 - accuracy except where both scores clip to 0.
+        rate = {m: clip_accuracy(v, text[concept.anchor], text[s.concept]) for m, v in emb.items()}
+        entry["anchor_rate"] = _pair(rate["base"], rate.get("ablated"))
+    entry["kid"] = (kid(emb["ablated"], emb["base"], subsets=int(e.kid_subsets), subset_size=int(e.kid_subset_size),
+                        seed=config.seed, paired=True) if "ablated" in emb else None)
+    return entry
 
-        return "toy_world", world.MEMORIZATION_THRESHOLD, lambda images, emb, base_emb: world.memorization_similarity(images)
-    threshold = float(config.eval.memorization_threshold)
-    if config.eval.memorized_image:
-        from PIL import Image  # noqa: PLC0415
 
-        path = storage.path(config.eval.memorized_image)
-        if not path.is_file():
-            raise EvalError(f"eval.memorized_image {path} does not exist")
-        with path.open("rb") as f, Image.open(f) as im:
-            ref = image_embeddings(clip, np.asarray(im.convert("RGB"))[None])[0]
-        return "clip_reference_image", threshold, lambda images, emb, base_emb: emb @ ref
-    # Without the picture itself, a memorized caption is recognised by the base model drawing
-    # the same image again and again: a sample counts as a copy when it nearly duplicates one of
-    # the base model's other samples of that caption.
-    return "clip_base_samples", threshold, lambda images, emb, base_emb: _loo_max_cosine(emb, base_emb)
+def _memorization_entry(method: str, threshold: float, sets: list[str],
+                        similarity: Mapping[str, list[np.ndarray]]) -> dict[str, Any]:
+    if not sets:
+        raise EvalError("a memorization concept needs an evaluation set with role 'target'")
+    sim = {m: np.concatenate(v) for m, v in similarity.items()}
+    rate = {m: float(np.mean(v > threshold)) for m, v in sim.items()}
+    return {
+        "method": method, "threshold": float(threshold), "sets": sets, "n_images": int(len(sim["base"])),
+        "rate": _pair(rate["base"], rate.get("ablated")),
+        "similarity": _pair(float(np.mean(sim["base"])), float(np.mean(sim["ablated"])) if "ablated" in sim else None),
+    }
 
 
 def evaluate_run(
-    config: ml_collections.ConfigDict,
-    workdir: str | os.PathLike,
+    spec: Spec | ml_collections.ConfigDict,
+    workdir: str | os.PathLike | Workdir,
     *,
     ablated_params: Mapping[str, Any] | None = None,
     base_only: bool = False,
@@ -270,46 +223,38 @@ def evaluate_run(
 ) -> dict[str, Any]:
     """Evaluates base against ablated parameters on every evaluation set; writes ``workdir/eval/``.
 
-    ``ablated_params``: a full params dict like ``pipeline.params`` (``unet``, ``vae``,
-    ``text_encoder``); required unless ``base_only``. ``pipeline`` and ``clip`` default to
-    ``config.model`` and ``config.eval.clip``. The concept's sets include the misspellings of its
-    target when ``eval.misspelling``; ``extra_sets`` are evaluated after them (``eval.sets`` does
-    not filter them). Returns the report (schema in :mod:`ablate_jax.report`); the files appear
-    only once everything is measured, so a failed evaluation leaves the previous ones.
+    ``spec``: the run (a config is prepared first). ``ablated_params``: a full params dict like
+    ``pipeline.params`` (``unet``, ``vae``, ``text_encoder``); required unless ``base_only``.
+    ``pipeline`` and ``clip`` default to the spec's model and evaluator. The concept's sets include
+    the misspellings of its target when ``eval.misspelling``; ``extra_sets`` are evaluated after
+    them (``eval.sets`` does not filter them). Returns the report (schema in :mod:`ablate_jax.report`);
+    the files appear only once everything is measured, so a failed evaluation leaves the previous ones.
     """
     start = time.perf_counter()
-    config = resolve(config)
+    spec = prepare(spec)
+    config, concept = spec.config, spec.concept
     if not base_only and ablated_params is None:
         raise EvalError("no ablated parameters to evaluate; pass ablated_params or base_only=True")
+    n = _check_settings(config, base_only)
     e = config.eval
-    n = int(e.num_images)
-    if n < (1 if base_only else 2):
-        raise EvalError(f"eval.num_images must be at least {1 if base_only else 2} (KID compares sets), got {n}")
-    if e.grid_columns < 1:
-        raise EvalError(f"eval.grid_columns must be positive, got {e.grid_columns}")
-    concept = concept_from_config(config)
     sets = _select_sets(concept, e.sets, extra_sets)
     cfg = eval_sampling(config)
-    cfg.validate()
     if pipeline is None:
-        if config.dtype not in ("float32", "bfloat16"):
-            raise EvalError(f"dtype must be float32 or bfloat16, got {config.dtype!r}")
-        pipeline = load_pipeline(config.model, dtype=jnp.bfloat16 if config.dtype == "bfloat16" else None)
-    clip = clip or load_clip(e.clip)
+        pipeline = load_pipeline(spec.model_path, dtype=jnp.bfloat16 if config.dtype == "bfloat16" else None)
+    clip = clip or load_clip(spec.evaluator_path)
     mesh = mesh or sharding.make_mesh()
     n_dev = mesh.devices.size
     # One compiled batch shape for every call, no larger than a set needs.
     batch = min(sharding.round_up(int(e.batch_size), n_dev), sharding.round_up(n, n_dev))
 
-    phrase = toy_phrase if is_toy_world(e.clip) else (lambda c: c)
-    target0 = concept.targets[0]
-    wanted = list(dict.fromkeys([concept.anchor, target0, *(s.concept for s in sets)]))
+    phrase = spec.evaluator_family.evaluator_phrase
+    wanted = list(dict.fromkeys([concept.anchor, concept.targets[0], *(s.concept for s in sets)]))
     text = dict(zip(wanted, text_embeddings(clip, [concept_text(phrase(c)) for c in wanted]), strict=True))
 
     models = {"base": pipeline.params} if base_only else {"base": pipeline.params, "ablated": ablated_params}
     memorizing = concept.kind == "memorization"
     if memorizing:
-        mem_method, mem_threshold, similarity = _memorization_detector(config, clip)
+        mem_method, mem_threshold, similarity = memorization.eval_detector(spec, clip)
         mem_sim: dict[str, list[np.ndarray]] = {m: [] for m in models}
         mem_sets: list[str] = []
 
@@ -331,20 +276,7 @@ def evaluate_run(
                 images[m] = _draw(pipeline, params, prompts, key, cfg, batch, mesh, gen_bar)
             for m in models:
                 emb[m] = image_embeddings(clip, images[m])
-            versus = target0 if s.role == "anchor" else concept.anchor
-            ablated = "ablated" in models
-            entry: dict[str, Any] = {"role": s.role, "concept": s.concept, "n_images": n}
-            score = {m: float(np.mean(clip_scores(emb[m], text[s.concept][None]))) for m in models}
-            acc = {m: clip_accuracy(emb[m], text[s.concept], text[versus]) for m in models}
-            entry["clip_score"] = _pair(score["base"], score.get("ablated"))
-            entry["clip_accuracy"] = _pair(acc["base"], acc.get("ablated"))
-            if s.role in ("target", "target_paraphrase"):
-                # Strictly "anchor beats target": 1 - accuracy except where both scores clip to 0.
-                rate = {m: clip_accuracy(emb[m], text[concept.anchor], text[s.concept]) for m in models}
-                entry["anchor_rate"] = _pair(rate["base"], rate.get("ablated"))
-            entry["kid"] = (kid(emb["ablated"], emb["base"], subsets=int(e.kid_subsets),
-                                subset_size=int(e.kid_subset_size), seed=config.seed, paired=True) if ablated else None)
-            report_sets[s.name] = entry
+            report_sets[s.name] = _measure_set(s, emb, text, concept, config, n)
             if memorizing and s.role == "target":
                 mem_sets.append(s.name)
                 for m in models:
@@ -365,17 +297,7 @@ def evaluate_run(
             "sets": report_sets,
         }
         if memorizing:
-            if not mem_sets:
-                raise EvalError("a memorization concept needs an evaluation set with role 'target'")
-            sim = {m: np.concatenate(v) for m, v in mem_sim.items()}
-            rate = {m: float(np.mean(v > mem_threshold)) for m, v in sim.items()}
-            report["memorization"] = {
-                "method": mem_method, "threshold": float(mem_threshold), "sets": mem_sets,
-                "n_images": int(len(sim["base"])),
-                "rate": _pair(rate["base"], rate.get("ablated")),
-                "similarity": _pair(float(np.mean(sim["base"])),
-                                    float(np.mean(sim["ablated"])) if "ablated" in sim else None),
-            }
+            report["memorization"] = _memorization_entry(mem_method, mem_threshold, mem_sets, mem_sim)
         report["timing_s"] = {"eval": time.perf_counter() - start}
         check_report(report)
         if stage is not None:
@@ -405,30 +327,19 @@ def _parse(argv: list[str]) -> tuple[ml_collections.ConfigDict, str, bool, bool]
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m ablate_jax.evaluate --config=... --workdir=... [--base_only]``; returns the exit status."""
-    errors: tuple[type[BaseException], ...] = (ValueError, OSError)
-    try:
-        config, workdir, base_only, progress = _parse(list(sys.argv if argv is None else argv))
-        from ablate_jax import preflight  # noqa: PLC0415
+    from ablate_jax import checkpointing, preflight  # noqa: PLC0415
 
-        config = resolve(config)
-        preflight.check_run(config, workdir, stages=("eval",))
+    try:
+        config, path, base_only, progress = _parse(list(sys.argv if argv is None else argv))
+        spec = prepare(config)
+        workdir = preflight.check_run(spec, path, stages=("eval",))
         pipeline = ablated = None
         if not base_only:
-            try:
-                from ablate_jax import checkpointing  # noqa: PLC0415  (imports orbax; only runs with a checkpoint need it)
-            except ModuleNotFoundError as err:
-                if err.name != "ablate_jax.checkpointing":
-                    raise
-                raise EvalError("this installation cannot read training checkpoints; use --base_only") from err
-            errors += (getattr(checkpointing, "CheckpointError", ValueError),)
-            if config.dtype not in ("float32", "bfloat16"):
-                raise EvalError(f"dtype must be float32 or bfloat16, got {config.dtype!r}")
-            concept_from_config(config)  # a bad concept is reported as such, before any checkpoint is read
-            pipeline = load_pipeline(config.model, dtype=jnp.bfloat16 if config.dtype == "bfloat16" else None)
-            ablated = checkpointing.restore_ablated_params(config, workdir, pipeline)
-        report = evaluate_run(config, workdir, ablated_params=ablated, base_only=base_only, pipeline=pipeline,
+            pipeline = load_pipeline(spec.model_path, dtype=jnp.dtype(spec.config.dtype))
+            ablated = checkpointing.restore_ablated_params(workdir, pipeline)
+        report = evaluate_run(spec, workdir, ablated_params=ablated, base_only=base_only, pipeline=pipeline,
                               progress=progress)
-    except errors as err:
+    except (ValueError, OSError, checkpointing.CheckpointError) as err:
         print(f"error: {cli.one_line(err)}", file=sys.stderr)
         return 1
     print(format_table(report))

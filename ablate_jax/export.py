@@ -64,13 +64,15 @@ from ablate_jax import config as config_lib
 from ablate_jax import params as params_lib
 from ablate_jax.models import loading
 from ablate_jax.models.convert import ConversionError, flax_path_to_torch_key, flax_to_torch, torch_to_flax
+from ablate_jax.workdir import EXPORT_RECORD, Workdir, differences, foreign, open_workdir
 
 log = logging.getLogger("ablate_jax")
 
 EXPORT_DIR = "export"
 PIPELINE_DIR = "pipeline"
 DELTA_FILE = "delta.safetensors"
-RECORD_FILE = "export.json"
+RECORD_FILE = EXPORT_RECORD
+EXPORT_WAY_OUT = "replace it with --overwrite (python -m ablate_jax.export) or --config.export.overwrite=true"
 DELTA_MARKER = "ablate_jax.delta"  # metadata key whose presence marks our delta files; value: format version
 DELTA_VERSION = "2"
 ROWS = "@rows"  # suffix of a delta tensor holding some rows of a base matrix ...
@@ -328,28 +330,16 @@ def _torch_bytes_view(t: Any, dtype: np.dtype) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------ export
 
 
-def _run_fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    return config_lib.fingerprint(config, *checkpointing.TRAIN_KEYS)
-
-
-def _checkpoint_step(config: ml_collections.ConfigDict, workdir: Path) -> int | None:
+def _checkpoint_step(workdir: Path) -> int | None:
     """The latest checkpoint step of the workdir, or None without checkpoints (no folder is created)."""
     folder = checkpointing.checkpoints_dir(workdir)
     if not folder.is_dir():
         return None
-    checkpointing.check_fingerprint(config, workdir, write=False)
     mngr = checkpointing.manager(workdir)
     try:
         return mngr.latest_step()
     finally:
         mngr.close()
-
-
-def _read_record(folder: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads((folder / RECORD_FILE).read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def _trained_values(selection: params_lib.Selection, ablated: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -461,40 +451,41 @@ def _write_component(src: epath.Path, dst: Path, trained: Mapping[str, tuple[np.
         raise ExportError(f"the source model's {component}/ has no tensor {sorted(remaining)[0]}")
 
 
-def export_run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
+def export_run(spec: config_lib.Spec | ml_collections.ConfigDict, workdir: str | os.PathLike | Workdir, *,
                pipeline: loading.Pipeline | None = None, ablated_params: Mapping[str, Any] | None = None,
-               overwrite: bool = False) -> Path:
+               selection: params_lib.Selection | None = None, overwrite: bool = False) -> Path:
     """Writes ``workdir/export/`` (pipeline folder, delta, export.json) and returns its path.
 
-    ``ablated_params`` defaults to the latest checkpoint's (:func:`checkpointing.restore_ablated_params`).
-    The recorded checkpoint step is the workdir's latest, or None when the params are passed in
-    and the workdir has no checkpoint. An existing export of the same run is returned unchanged;
-    one of another run raises :class:`ExportError` unless ``overwrite`` (or ``config.export.overwrite``).
+    ``spec``: the run (a config is prepared first). ``ablated_params`` defaults to the latest
+    checkpoint's (:func:`checkpointing.restore_ablated_params`); ``selection`` to the spec's
+    parameter group on ``pipeline``. The recorded checkpoint step is the workdir's latest, or None
+    when the params are passed in and the workdir has no checkpoint. An existing export of the
+    same run is returned unchanged; one of another run raises :class:`ExportError` unless
+    ``overwrite`` (or ``config.export.overwrite``).
     """
-    config = config_lib.resolve(config)
-    workdir = storage.path(workdir)
-    final = workdir / EXPORT_DIR
+    wd = open_workdir(spec, workdir, ("eval",))  # checkpoints of another run are refused here
+    spec, config, root = wd.spec, wd.spec.config, wd.path
+    final = root / EXPORT_DIR
     overwrite = overwrite or bool(config.export.overwrite)
-    fingerprint = _run_fingerprint(config)
-    step = _checkpoint_step(config, workdir)
+    fingerprint = wd.train_identity
+    step = _checkpoint_step(root)
     if ablated_params is None and step is None:
-        raise ExportError(f"no checkpoint in {checkpointing.checkpoints_dir(workdir)}; train first")
+        raise ExportError(f"no checkpoint in {checkpointing.checkpoints_dir(root)}; train first")
 
-    existing = _read_record(final) if final.exists() else None
+    existing = wd.export_record() if final.exists() else None
     if ablated_params is None and final.exists():
         # The checkpoint alone identifies the run: decide before loading or restoring anything.
         if existing is not None and _same_run(existing, fingerprint["hash"], step, None):
             log.info("already exported: %s (step %s, config %s)", final, step, fingerprint["hash"])
             return final
         if not overwrite:
-            raise _exists_error(final, existing)
+            raise _exists_error(final, existing, fingerprint, step)
 
     if pipeline is None:
-        pipeline = loading.load_pipeline(config.model)
-    concept = config_lib.concept_from_config(config)
-    selection = checkpointing.selection_for(config, pipeline, concept)
+        pipeline = loading.load_pipeline(spec.model_path)
+    selection = selection or checkpointing.selection_for(config, pipeline, spec.concept)
     if ablated_params is None:
-        ablated_params = checkpointing.restore_ablated_params(config, workdir, pipeline)
+        ablated_params = checkpointing.restore_ablated_params(wd, pipeline, selection)
     trained = _trained_values(selection, ablated_params)
     bad = next((k for k, v in sorted(trained.items()) if not np.all(np.isfinite(np.asarray(v, np.float32)))), None)
     if bad is not None:
@@ -506,18 +497,18 @@ def export_run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
         log.info("already exported: %s (step %s, config %s)", final, step, fingerprint["hash"])
         return final
     if final.exists() and not overwrite:
-        raise _exists_error(final, existing)
+        raise _exists_error(final, existing, fingerprint, step)
 
     # One writer; the other processes only took part in gathering the trained values, and wait
     # (even when the writer fails) so that none returns before the export is in place.
     try:
         if jax.process_index() == 0:
-            if not storage.is_remote(workdir):
-                _remove_leftovers(workdir)
+            if not storage.is_remote(root):
+                _remove_leftovers(root)
             # Built in a local folder, then put in place whole: a rename locally; on a bucket an
             # upload with export.json last, whose presence marks the export complete.
-            with storage.staging(workdir, EXPORT_DIR + ".tmp-") as tmp:
-                record = _write_export(tmp, config, pipeline, selection, concept, trained, fingerprint, step,
+            with storage.staging(root, EXPORT_DIR + ".tmp-") as tmp:
+                record = _write_export(tmp, config, pipeline, selection, spec.concept, trained, fingerprint, step,
                                        trained_hash)
                 _make_readable(tmp)
                 storage.replace_dir(tmp, final, last=RECORD_FILE)
@@ -528,22 +519,16 @@ def export_run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
     return final
 
 
-def check_existing(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, overwrite: bool = False) -> None:
-    """Refuses, before any work, a workdir whose export belongs to another run (unless overwriting)."""
-    config = config_lib.resolve(config)
-    final = storage.path(workdir) / EXPORT_DIR
-    if overwrite or config.export.overwrite or not final.exists():
-        return
-    existing = _read_record(final)
-    if existing is None or existing.get("config_hash") != _run_fingerprint(config)["hash"]:
-        raise _exists_error(final, existing)
-
-
-def _exists_error(final: Path, existing: Mapping[str, Any] | None) -> ExportError:
-    what = (f"step {existing.get('checkpoint_step')}, config {existing.get('config_hash')}" if existing
-            else "no readable export.json")
-    return ExportError(f"{final} already holds the export of another run ({what}); replace it with --overwrite "
-                       "(python -m ablate_jax.export) or --config.export.overwrite=true")
+def _exists_error(final: Path, existing: Mapping[str, Any] | None, fingerprint: Mapping[str, Any],
+                  step: int | None) -> ExportError:
+    if existing is None:
+        diffs = ["no readable export.json"]
+    else:
+        diffs = differences(existing.get("config", {}), fingerprint["fields"])
+        if existing.get("checkpoint_step") != step:
+            diffs.append(f"checkpoint step: {existing.get('checkpoint_step')} -> {step}")
+        diffs = diffs or ["its trained values"]
+    return ExportError(str(foreign(final, "an export", diffs, EXPORT_WAY_OUT)))
 
 
 def _same_run(record: Mapping[str, Any], config_hash: str, step: int | None, trained_hash: str | None) -> bool:
@@ -551,6 +536,7 @@ def _same_run(record: Mapping[str, Any], config_hash: str, step: int | None, tra
     if trained_hash is not None:
         same = same and record.get("delta", {}).get("trained_sha256") == trained_hash
     return same
+
 
 
 def _remove_leftovers(workdir: Path) -> None:
@@ -658,19 +644,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``python -m ablate_jax.export --config=... --workdir=... [--overwrite]``; returns the exit status."""
     from ablate_jax.concepts import ConceptError  # noqa: PLC0415
 
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("ablate_jax").setLevel(logging.INFO)
+    cli.configure_logging()
     errors = (ExportError, ConceptError, config_lib.ConfigError, loading.ModelLoadError, checkpointing.CheckpointError,
               params_lib.ParamsError, ValueError, OSError)
     try:
         config, workdir, overwrite = _parse(list(sys.argv if argv is None else argv))
         from ablate_jax import preflight  # noqa: PLC0415
 
-        config = config_lib.resolve(config)
         if overwrite:
-            config.export.overwrite = True
-        preflight.check_run(config, workdir, stages=("export",))
-        path = export_run(config, workdir, overwrite=overwrite)
+            config_lib.override(config, "export.overwrite", "true")
+        spec = config_lib.prepare(config)
+        wd = preflight.check_run(spec, workdir, stages=("export",))
+        path = export_run(spec, wd, overwrite=overwrite)
     except errors as err:
         print(f"error: {cli.one_line(err)}", file=sys.stderr)
         return 1

@@ -1,4 +1,4 @@
-"""The ablation objectives (DESIGN.md section 1.5), as pure functions of two denoisers.
+"""The ablation objectives (docs/design.md, "Objectives"), as pure functions of two denoisers.
 
 All terms are mean squared errors over the valid (masked) part of the latent:
 

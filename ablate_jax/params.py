@@ -1,4 +1,4 @@
-"""What is trained: parameter groups, the trainable/frozen split, and the optimizer (DESIGN.md 1.6-1.7).
+"""What is trained: parameter groups, the trainable/frozen split, and the optimizer (docs/design.md, "Parameter groups and the optimizer").
 
 Parameters are addressed by their slash-joined path in the pipeline tree
 (``unet/down_blocks_0/attentions_0/transformer_blocks_0/attn2/to_k/kernel``). A group is a

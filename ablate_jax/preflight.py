@@ -4,7 +4,7 @@ A run that would fail at evaluation must not first spend an hour drawing anchors
 a bad input must not leave a half-made workdir behind. :func:`check_run` therefore asks, without
 loading any weights or writing anything, every question a stage would ask later: the config's
 values and choices (:func:`ablate_jax.config.check`), the workdir (reachable, a folder, writable,
-not another run's), the model and evaluator files (present and whole), the evaluation sets, the
+not another run's: :mod:`ablate_jax.workdir`), the model and evaluator files (present and whole), the evaluation sets, the
 device layout, and the parameter group's hold on this model's tokenizer. Each failure is one
 :class:`PreflightError` line naming the problem (docs/design.md, "Failing early").
 """
@@ -27,8 +27,7 @@ import ml_collections
 from ablate_jax import config as config_lib
 from ablate_jax import storage
 from ablate_jax.models import loading
-
-STAGES = ("anchors", "train", "eval", "export")
+from ablate_jax.workdir import STAGES, Workdir, WorkdirError, open_workdir
 
 
 class PreflightError(ValueError):
@@ -94,31 +93,30 @@ def _quiet(*names: str):
             lg.setLevel(level)
 
 
-def check_model(config: ml_collections.ConfigDict) -> None:
+def check_model(spec: config_lib.Spec) -> None:
     """The pipeline folder (or hub id) is there and its files are whole."""
     try:
-        loading.check_pipeline(config.model)
+        loading.check_pipeline(spec.model_path)
     except loading.ModelLoadError as err:
         raise PreflightError(f"model: {err}") from err
 
 
-def check_evaluator(config: ml_collections.ConfigDict) -> None:
+def check_evaluator(spec: config_lib.Spec) -> None:
     """``eval.clip`` is there and its files are whole."""
     try:
-        loading.check_clip(config.eval.clip)
+        loading.check_clip(spec.evaluator_path)
     except loading.ModelLoadError as err:
-        raise PreflightError(f"eval.clip={config.eval.clip!r}: {err}") from err
+        raise PreflightError(f"eval.clip={spec.config.eval.clip!r}: {err}") from err
 
 
-def check_eval_sets(config: ml_collections.ConfigDict) -> None:
+def check_eval_sets(spec: config_lib.Spec) -> None:
     """Every name in ``eval.sets`` is one of the concept's sets."""
-    concept = config_lib.concept_from_config(config)
-    available = [s.name for s in concept.eval_sets]
-    for name in (n.strip() for n in config.eval.sets.split(";")):
+    available = [s.name for s in spec.concept.eval_sets]
+    for name in (n.strip() for n in spec.config.eval.sets.split(";")):
         if name and name not in available:
             raise PreflightError(f"eval.sets names {name!r}, which the concept does not have; it has "
                                  f"{', '.join(available)}")
-    for s in concept.eval_sets:
+    for s in spec.concept.eval_sets:
         if not s.prompts:
             raise PreflightError(f"evaluation set {s.name!r} has no prompts")
 
@@ -136,15 +134,15 @@ def check_devices(config: ml_collections.ConfigDict, n_devices: int | None = Non
         raise PreflightError(f"mesh.fsdp={config.mesh.fsdp} does not divide the {n} devices")
 
 
-def check_embedding_tokens(config: ml_collections.ConfigDict) -> None:
+def check_embedding_tokens(spec: config_lib.Spec) -> None:
     """The ``embedding`` group has a token of the target's own to train (read from the tokenizer alone)."""
-    if config.params != "embedding":
+    if spec.config.params != "embedding":
         return
     from ablate_jax import params as params_lib  # noqa: PLC0415
 
-    concept = config_lib.concept_from_config(config)
+    concept = spec.concept
     try:
-        tokenizer = loading.load_tokenizer(loading.resolve_path(config.model) / "tokenizer")
+        tokenizer = loading.load_tokenizer(loading.resolve_path(spec.model_path) / "tokenizer")
     except loading.ModelLoadError as err:
         raise PreflightError(f"model: {err}") from err
     if not params_lib.target_token_ids(tokenizer, concept.targets, concept.anchor):
@@ -152,56 +150,41 @@ def check_embedding_tokens(config: ml_collections.ConfigDict) -> None:
                              "anchor); use another params group")
 
 
-def check_foreign_workdir(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
-                          stages: Sequence[str]) -> None:
-    """Anchors, checkpoints or an export of another run in the workdir are refused before anything runs."""
-    from ablate_jax import checkpointing, export, generate  # noqa: PLC0415
-
-    workdir = storage.path(workdir)
-    if not workdir.exists():
-        return
-    try:
-        if "anchors" in stages:
-            generate.check_existing(config, workdir)
-        if {"train", "eval", "export"} & set(stages):
-            checkpointing.check_fingerprint(config, workdir, write=False)
-        if "export" in stages and config.export.enabled:
-            export.check_existing(config, workdir)
-    except (generate.AnchorError, checkpointing.CheckpointError, export.ExportError) as err:
-        raise PreflightError(str(err)) from err
-
-
-def check_run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
-              stages: Sequence[str] = STAGES, model_loaded: bool = False) -> None:
-    """Every check of ``stages`` (of :data:`STAGES`) for a resolved config; raises :class:`PreflightError`.
+def check_run(spec: config_lib.Spec | ml_collections.ConfigDict, workdir: str | os.PathLike, *,
+              stages: Sequence[str] = STAGES, model_loaded: bool = False) -> Workdir:
+    """Every check of ``stages`` (of :data:`STAGES`); raises :class:`PreflightError`, else returns the
+    guarded workdir that the stages share.
 
     ``model_loaded``: the caller already holds the loaded pipeline, so its files need no check.
     """
-    config_lib.check(config)
+    spec = config_lib.prepare(spec)
+    config = spec.config
     check_workdir(workdir)
     if not model_loaded:
-        check_model(config)
-    concept = config_lib.concept_from_config(config)
+        check_model(spec)
     evaluates = "eval" in stages and config.eval.enabled
-    memorization_filter = "anchors" in stages and concept.kind == "memorization" and config.eval.clip != "toy"
+    memorization_filter = ("anchors" in stages and spec.concept.kind == "memorization"
+                           and spec.family.copy_detector is None)
     if evaluates or memorization_filter:
-        check_evaluator(config)
+        check_evaluator(spec)
     if evaluates:
-        check_eval_sets(config)
+        check_eval_sets(spec)
     if "train" in stages:
         check_devices(config)
-    check_embedding_tokens(config)
-    check_foreign_workdir(config, workdir, stages)
+    check_embedding_tokens(spec)
+    try:
+        return open_workdir(spec, workdir, stages)
+    except WorkdirError as err:
+        raise PreflightError(str(err)) from err
 
 
-def write_resolved(config: ml_collections.ConfigDict, notes: config_lib.Resolution,
-                   workdir: str | os.PathLike) -> storage.AnyPath:
+def write_resolved(spec: config_lib.Spec, workdir: str | os.PathLike) -> storage.AnyPath:
     """``WORKDIR/config.json``: the whole resolved config and, per resolved value, the rule that set it."""
     path = storage.path(workdir) / "config.json"
     record: dict[str, Any] = {
-        "family": notes.family,
-        "config": config.to_dict(),
-        "resolved": {k: {"value": v, "rule": why} for k, (v, why) in notes.values.items()},
+        "family": spec.family.name,
+        "config": spec.config.to_dict(),
+        "resolved": {k: {"value": v, "rule": why} for k, (v, why) in spec.notes.values.items()},
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     storage.write_text(path, json.dumps(record, indent=1, sort_keys=True, default=str) + "\n")

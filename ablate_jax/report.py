@@ -1,7 +1,7 @@
 """Rendering of an evaluation report: the schema check, report.json, report.md, the terminal
 table and the before/after image grids.
 
-The report (DESIGN.md section 3) is a plain dict, built by :func:`ablate_jax.evaluate.evaluate_run`::
+The report (docs/design.md, "Evaluation") is a plain dict, built by :func:`ablate_jax.evaluate.evaluate_run`::
 
     {"concept": {"kind", "targets", "anchor", "preserve", "preset"},
      "settings": {"model", "clip", "seed", "num_images", "sampler", "steps", "guidance", "eta", "base_only"},

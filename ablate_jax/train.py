@@ -30,19 +30,26 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from ablate_jax import checkpointing, concepts, distributed, losses, preflight, sampling, sharding, storage
+from ablate_jax import (
+    anchor_store,
+    checkpointing,
+    concepts,
+    distributed,
+    losses,
+    preflight,
+    sharding,
+    storage,
+    text_to_image,
+)
 from ablate_jax import config as config_lib
 from ablate_jax import params as params_lib
-from ablate_jax.concepts import Concept, ConceptError
+from ablate_jax.concepts import ConceptError
 from ablate_jax.data import AnchorBatches
 from ablate_jax.models.loading import ModelLoadError, Pipeline, load_pipeline
 from ablate_jax.schedule import Schedule, add_noise, target
+from ablate_jax.workdir import Workdir, WorkdirError
 
 log = logging.getLogger("ablate_jax")
-
-# For tests only: seconds to sleep after each train step, so a test can kill a run part-way.
-STEP_DELAY_ENV = "ABLATE_JAX_TEST_STEP_DELAY"
-
 
 class TrainError(RuntimeError):
     """Training cannot go on; the message says why."""
@@ -136,8 +143,8 @@ def make_train_step(pipeline: Pipeline, selection: params_lib.Selection, loss_cf
                     remat: str = "none", encode_chunks: int = 1):
     """``step(state, base, batch) -> (state, metrics)``, a pure function ready to jit.
 
-    Randomness (VAE posterior sample, timesteps, noise) comes from ``fold_in(seed, step)`` and
-    is split per example by its row, so a resumed run draws exactly what an uninterrupted one would.
+    Randomness (VAE posterior sample, timesteps, noise) comes from ``fold_in(seed, step)``, drawn
+    for the whole global batch, so a resumed run draws exactly what an uninterrupted one would.
     """
     objective = make_objective(pipeline, selection, loss_cfg, stop_sot_kv_grad=stop_sot_kv_grad, remat=remat,
                                encode_chunks=encode_chunks)
@@ -215,13 +222,19 @@ def state_shardings(pipeline: Pipeline, selection: params_lib.Selection, tx: opt
 # ------------------------------------------------------------------------------------------------ stages
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class RunContext:
-    config: ml_collections.ConfigDict  # resolved
-    workdir: storage.AnyPath
+    """What every stage of one run shares: its guarded workdir (which holds the spec), the loaded
+    base model, the mesh and the parameter selection, each made once by :func:`run`."""
+
+    workdir: Workdir
     pipeline: Pipeline
-    concept: Concept
     mesh: jax.sharding.Mesh
+    selection: params_lib.Selection
+
+    @property
+    def spec(self) -> config_lib.Spec:
+        return self.workdir.spec
 
 
 def loss_config(config: ml_collections.ConfigDict) -> losses.LossConfig:
@@ -238,15 +251,13 @@ def train(ctx: RunContext, *, progress: bool = True) -> dict[str, Any]:
     """
     from clu import metric_writers  # noqa: PLC0415  (imports TensorFlow; only training needs it)
 
-    from ablate_jax import generate  # noqa: PLC0415
-
-    config = config_lib.resolve(ctx.config)
-    pipeline, concept, mesh = ctx.pipeline, ctx.concept, ctx.mesh
+    config, concept = ctx.spec.config, ctx.spec.concept
+    pipeline, mesh, selection = ctx.pipeline, ctx.mesh, ctx.selection
     n_dev = mesh.devices.size
     if config.train.batch_size % n_dev:
         raise TrainError(f"train.batch_size {config.train.batch_size} is not a multiple of the {n_dev} devices")
-    checkpointing.check_fingerprint(config, ctx.workdir, write=True)
-    selection = checkpointing.selection_for(config, pipeline, concept)
+    if distributed.is_primary():
+        ctx.workdir.record_checkpoints()
     tx = checkpointing.optimizer_for(config)
     loss_cfg = loss_config(config)
     t = config.train
@@ -259,7 +270,7 @@ def train(ctx: RunContext, *, progress: bool = True) -> dict[str, Any]:
     # device, putting an array where it already is returns the same buffer).
     initial = selection.split(pipeline.params)
     state = sharding.put(checkpointing.initial_state(jax.tree.map(jnp.copy, initial), tx), state_sharding)
-    mngr = checkpointing.manager(ctx.workdir)
+    mngr = checkpointing.manager(ctx.workdir.path)
     start = 0
     if mngr.latest_step() is not None:
         state, position = checkpointing.restore(mngr, checkpointing.abstract_state(state, state_sharding))
@@ -271,7 +282,7 @@ def train(ctx: RunContext, *, progress: bool = True) -> dict[str, Any]:
         return {"steps": start, "seconds": 0.0, "skipped": True, "trainable": selection.count(pipeline.params)}
 
     data = AnchorBatches(
-        generate.open_anchors(ctx.workdir), concept, lambda p: sampling.tokenize(pipeline, p),
+        anchor_store.open_anchors(ctx.workdir.path), concept, lambda p: text_to_image.tokenize(pipeline, p),
         seed=config.seed, global_batch=t.batch_size, latent_factor=pipeline.vae_downsample,
         flip=t.flip, rescale=t.rescale, with_keep=loss_cfg.needs_keep,
         process_index=jax.process_index(), process_count=jax.process_count(),
@@ -281,7 +292,7 @@ def train(ctx: RunContext, *, progress: bool = True) -> dict[str, Any]:
     probe_fn = compiled_probe(pipeline, selection, loss_cfg, config.seed, config.stop_sot_kv_grad, t.remat, mesh,
                               chunks)
     writer = metric_writers.create_default_writer(
-        os.fspath(ctx.workdir / "logs"), just_logging=jax.process_index() > 0 or not t.tensorboard)
+        os.fspath(ctx.workdir.path / "logs"), just_logging=jax.process_index() > 0 or not t.tensorboard)
     log.info("training %s (%s scalars) for %d steps, global batch %d on %d devices%s",
              config.params, f"{selection.count(pipeline.params):,}", steps, t.batch_size, n_dev,
              f" in {jax.process_count()} processes" if jax.process_count() > 1 else "")
@@ -331,7 +342,6 @@ def train(ctx: RunContext, *, progress: bool = True) -> dict[str, Any]:
     window_t, window_steps = time.perf_counter(), 0
     bar = tqdm(total=steps, initial=start, desc="train", unit="step", disable=not progress or not distributed.is_primary())
     metrics = None
-    delay = float(os.environ.get(STEP_DELAY_ENV, "0") or 0)
     for step in range(start, steps):
         state, metrics = step_fn(state, base, device_batch(step))
         done = step + 1
@@ -352,9 +362,6 @@ def train(ctx: RunContext, *, progress: bool = True) -> dict[str, Any]:
         if save_now:
             check_saved(done)
             checkpointing.save(mngr, done, state, {"step": done, "examples_seen": done * t.batch_size})
-        if delay:
-            mngr.wait_until_finished()
-            time.sleep(delay)
     bar.close()
     mngr.wait_until_finished()
     writer.flush()
@@ -364,36 +371,37 @@ def train(ctx: RunContext, *, progress: bool = True) -> dict[str, Any]:
             "probe_loss": {"before": reference, **probe_losses}}
 
 
-def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, pipeline: Pipeline | None = None,
-        progress: bool = True) -> dict[str, Any]:
+def run(config: ml_collections.ConfigDict | config_lib.Spec, workdir: str | os.PathLike, *,
+        pipeline: Pipeline | None = None, progress: bool = True) -> dict[str, Any]:
     """The whole job; returns the evaluation report (or a summary when evaluation is off).
 
-    The config is resolved (:func:`ablate_jax.config.resolve`) and every check of every stage
-    runs (:func:`ablate_jax.preflight.check_run`) before the first stage starts; the resolved
-    values are logged and written to ``WORKDIR/config.json``. ``pipeline``: the model
-    ``config.model`` names, already loaded (with ``config.dtype``). Runs that share one pipeline
-    object in a process also share its compiled programs.
+    The run is prepared once (:func:`ablate_jax.config.prepare`: model family, concept, resolved
+    values) and every check of every stage runs (:func:`ablate_jax.preflight.check_run`, the
+    workdir guard included) before the first stage starts; the resolved values are logged and
+    written to ``WORKDIR/config.json``. The stages then share that spec, the guarded workdir, the
+    parameter selection and one restore of the trained parameters (docs/design.md, "Stages hand
+    their results forward"). ``pipeline``: the model ``config.model`` names, already loaded (with
+    ``config.dtype``). Runs that share one pipeline object in a process also share its compiled programs.
     """
-    from ablate_jax import evaluate, generate  # noqa: PLC0415
+    from ablate_jax import anchors, evaluate  # noqa: PLC0415
 
-    config, notes = config_lib.resolve_with_notes(config)
-    workdir = storage.path(workdir)
-    preflight.check_run(config, workdir, model_loaded=pipeline is not None)
-    log.info("model %s (%s), params %s, loss %s, teacher %s", config.model, notes.family, config.params, config.loss,
-             config.teacher)
-    for line in notes.lines():
+    spec = config_lib.prepare(config)
+    config = spec.config
+    wd = preflight.check_run(spec, workdir, model_loaded=pipeline is not None)
+    log.info("model %s (%s), params %s, loss %s, teacher %s", config.model, spec.family.title, config.params,
+             config.loss, config.teacher)
+    for line in spec.notes.lines():
         log.info("resolved: %s", line)
-    concept = config_lib.concept_from_config(config)
     if pipeline is None:
-        pipeline = load_pipeline(config.model, dtype=jnp.dtype(config.dtype))
+        pipeline = load_pipeline(spec.model_path, dtype=jnp.dtype(config.dtype))
     mesh = make_mesh(config)
     if distributed.is_primary():
-        preflight.write_resolved(config, notes, workdir)
-    ctx = RunContext(config, workdir, pipeline, concept, mesh)
+        preflight.write_resolved(spec, wd.path)
+    ctx = RunContext(wd, pipeline, mesh, checkpointing.selection_for(config, pipeline, spec.concept))
     timing: dict[str, float] = {}
 
     t = time.perf_counter()
-    anchors = generate.generate_anchors(config, workdir, pipeline=pipeline, mesh=ctx.mesh, progress=progress)
+    anchor_summary = anchors.generate_anchors(spec, wd, pipeline=pipeline, mesh=mesh, progress=progress)
     timing["anchors"] = time.perf_counter() - t
     t = time.perf_counter()
     summary = train(ctx, progress=progress)
@@ -402,22 +410,23 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, pipeli
     report: dict[str, Any] = {}
     ablated = None
     if config.eval.enabled or config.export.enabled:
-        ablated = checkpointing.restore_ablated_params(config, workdir, pipeline)
+        ablated = checkpointing.restore_ablated_params(wd, pipeline, ctx.selection)
     if config.eval.enabled:
         t = time.perf_counter()
-        report = evaluate.evaluate_run(config, workdir, ablated_params=ablated, pipeline=pipeline, mesh=ctx.mesh,
+        report = evaluate.evaluate_run(spec, wd.path, ablated_params=ablated, pipeline=pipeline, mesh=mesh,
                                        progress=progress)
         timing["eval"] = time.perf_counter() - t
     if config.export.enabled:
         from ablate_jax import export  # noqa: PLC0415
 
         t = time.perf_counter()
-        report["export"] = str(export.export_run(config, workdir, pipeline=pipeline, ablated_params=ablated))
+        report["export"] = str(export.export_run(spec, wd, pipeline=pipeline, ablated_params=ablated,
+                                                 selection=ctx.selection))
         timing["export"] = time.perf_counter() - t
     report["timing_s"] = {**report.get("timing_s", {}), **timing}
     if config.eval.enabled and jax.process_index() == 0:
-        evaluate.write_report(report, workdir / "eval")  # again, now with every stage's time
-    report["anchors"], report["train"] = anchors, summary
+        evaluate.write_report(report, wd.path / "eval")  # again, now with every stage's time
+    report["anchors"], report["train"] = anchor_summary, summary
     return report
 
 
@@ -431,7 +440,7 @@ def make_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
 
 # ------------------------------------------------------------------------------------------------ CLI
 
-_ERRORS = (TrainError, distributed.DistributedError, ConceptError, config_lib.ConfigError, ModelLoadError,
+_ERRORS = (TrainError, distributed.DistributedError, ConceptError, config_lib.ConfigError, ModelLoadError, WorkdirError,
            checkpointing.CheckpointError, params_lib.ParamsError, preflight.PreflightError, ValueError, OSError)
 
 
@@ -450,10 +459,7 @@ def main(argv: list[str] | None = None) -> int:
     if cli.help_requested(argv, fv, __doc__.splitlines()[0], "python -m ablate_jax.train "
                           "--config=FILE[:key=value,...] [--workdir=DIR] [--config.KEY=VALUE ...]"):
         return 0
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("ablate_jax").setLevel(logging.INFO)
-    # orbax and TensorFlow report every read and write at INFO through absl; keep the log to our stages.
-    logging.getLogger("absl").setLevel(logging.WARNING)
+    cli.configure_logging(level=logging.INFO)
     for name in ("fsspec", "gcsfs"):  # a line per file opened on a bucket
         logging.getLogger(name).setLevel(logging.WARNING)
     try:

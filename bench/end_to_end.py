@@ -81,22 +81,21 @@ def run_reference(config) -> tuple[dict[str, float], list[float]]:
     import torch  # noqa: PLC0415
 
     from ablate_jax import evaluate  # noqa: PLC0415
-    from ablate_jax.config import concept_from_config  # noqa: PLC0415
-    from ablate_jax.models.loading import resolve_path  # noqa: PLC0415
+    from ablate_jax.config import prepare  # noqa: PLC0415
 
     sys.path.insert(0, str(ROOT / "bench"))
     from reference_torch import reference_job  # noqa: PLC0415
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    concept = concept_from_config(config)
+    spec = prepare(config)
+    concept, phrase = spec.concept, spec.evaluator_family.evaluator_phrase
     n = int(config.eval.num_images)
     sets = list(concept.eval_sets)  # misspellings of the target included
-    eval_sets = [(evaluate.set_prompts(s, n), evaluate.toy_phrase(s.concept) if config.eval.clip == "toy"
-                  else s.concept) for s in sets]
+    eval_sets = [(evaluate.set_prompts(s, n), phrase(s.concept)) for s in sets]
     import jax  # noqa: PLC0415
 
     stages, scores = reference_job(
-        resolve_path(config.model), resolve_path(config.eval.clip, toy_component="clip"),
+        spec.model_path, spec.evaluator_path,
         anchor_prompts=concept.usable_anchor_prompts(), num_anchors=int(config.anchors.num_images),
         anchor_steps=int(config.anchors.steps), anchor_guidance=float(config.anchors.guidance),
         anchor_batch=int(config.anchors.batch_size) * jax.device_count(), train_steps=int(config.train.steps),

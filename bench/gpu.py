@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import estimate  # noqa: E402
 import sd_shapes  # noqa: E402
 
-from ablate_jax import checkpointing, losses, sampling, sharding  # noqa: E402
+from ablate_jax import checkpointing, losses, sharding, text_to_image  # noqa: E402
 from ablate_jax import params as params_lib  # noqa: E402
 from ablate_jax.train import encode_chunks_for, make_train_step  # noqa: E402
 
@@ -86,14 +86,14 @@ def pick_attention(requested: str) -> str | None:
 
 
 def bench_generation(pipe, count_pipe, mesh, args) -> dict:
-    cfg = sampling.SamplingConfig(sampler="dpmpp_2m", num_steps=args.sample_steps, guidance_scale=6.0,
+    cfg = text_to_image.SamplingConfig(sampler="dpmpp_2m", num_steps=args.sample_steps, guidance_scale=6.0,
                                   height=args.resolution, width=args.resolution)
-    run = sampling._compiled(pipe, cfg, mesh)  # noqa: SLF001  (the program generate() runs, without host copies)
+    run = text_to_image._compiled(pipe, cfg, mesh)  # noqa: SLF001  (the program generate() runs, without host copies)
     b = args.batch
-    ids = sampling.tokenize(pipe, ["a photo of a cat"] * b)
-    uncond = sampling.tokenize(pipe, [""])
+    ids = text_to_image.tokenize(pipe, ["a photo of a cat"] * b)
+    uncond = text_to_image.tokenize(pipe, [""])
     keys = jax.random.split(jax.random.key(0), b)
-    h, w, c = sampling.latent_shape(pipe, cfg)
+    h, w, c = text_to_image.latent_shape(pipe, cfg)
     latents = jax.random.normal(jax.random.key(1), (b, h, w, c), jnp.float32)
     params = jax.device_put(pipe.params, sharding.replicated(mesh))
     seconds = timed(lambda: run(params, ids, uncond, keys, latents), args.reps)
@@ -121,8 +121,8 @@ def bench_train(pipe, count_pipe, mesh, group: str, args, remat: str = "none") -
     batch = jax.device_put({
         "image": rng.uniform(-1, 1, (b, r, r, 3)).astype(np.float32),
         "mask": np.ones((b, lat, lat, 1), np.float32),
-        "target_ids": sampling.tokenize(pipe, ["a photo of a grumpy cat"] * b),
-        "anchor_ids": sampling.tokenize(pipe, ["a photo of a cat"] * b),
+        "target_ids": text_to_image.tokenize(pipe, ["a photo of a grumpy cat"] * b),
+        "anchor_ids": text_to_image.tokenize(pipe, ["a photo of a cat"] * b),
     }, data)
 
     def one():

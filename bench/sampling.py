@@ -51,7 +51,7 @@ def main() -> None:
 
     from ablate_jax import sharding
     from ablate_jax.models import load_pipeline
-    from ablate_jax.sampling import SamplingConfig, generate
+    from ablate_jax.text_to_image import SamplingConfig, draw
 
     if args.model in ("tiny", "small"):
         from tiny_models import save_tiny_pipeline
@@ -81,7 +81,7 @@ def main() -> None:
 
     def jax_side(pipe):
         def run() -> np.ndarray:
-            return generate(pipe, pipe.params, prompts, jax.random.key(0), cfg, mesh=mesh, batch_size=args.batch)
+            return draw(pipe, pipe.params, prompts, jax.random.key(0), cfg, mesh=mesh, batch_size=args.batch)
 
         return run
 

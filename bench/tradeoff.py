@@ -39,9 +39,10 @@ def main() -> None:
     ap.add_argument("--out", default="tradeoff")
     args = ap.parse_args()
 
-    from ablate_jax import generate, train
+    from ablate_jax import anchors, train
     from ablate_jax.config import resolve
     from ablate_jax.models import load_pipeline
+    from ablate_jax.toy import shipped_path
 
     lrs = [float(x) for x in args.lrs.split(",")]
     steps = sorted(int(x) for x in args.steps.split(","))
@@ -49,13 +50,13 @@ def main() -> None:
     # siblings stay held out for the retention axis.
     common = f"eval.sets={SETS},eval.misspelling=False,export.enabled=False,preserve.concepts=frowny"
     weight = args.weight if args.weight is not None else float(resolve(load_config(common)).preserve.weight)
-    pipe = load_pipeline("toy")
+    pipe = load_pipeline(shipped_path("pipeline"))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         anchors = Path(tmp) / "anchors-run"
-        generate.generate_anchors(load_config(common), anchors, pipeline=pipe, progress=False)
+        anchors.generate_anchors(load_config(common), anchors, pipeline=pipe, progress=False)
         for w in (0.0, weight):
             for lr in lrs:
                 for n in steps:

@@ -125,7 +125,7 @@ def build_jax(folder: Path, batch: int, lr: float, baseline: str | None = None, 
     from ablate_jax import checkpointing, losses, sharding
     from ablate_jax import params as params_lib
     from ablate_jax.models import load_pipeline
-    from ablate_jax.sampling import tokenize
+    from ablate_jax.text_to_image import tokenize
     from ablate_jax.train import make_train_step
 
     model_kwargs, compiler_options = BASELINES[baseline] if baseline else ({}, {})

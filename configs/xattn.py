@@ -14,7 +14,7 @@ siblings, the anchor, stars and squares.
 
 The arg string takes ``concept=PRESET``, ``model=PATH`` and any other ``key=value`` of the
 config; ``--config.train.steps=100`` style flags work as well. Results on the toy world are in
-the README.
+the README and docs/results.md.
 """
 
 from ablate_jax.config import base_config, finalize

@@ -35,7 +35,7 @@ import pytest  # noqa: E402  (after the environment is set)
 # to workers in collection order; started first, these never leave one worker running alone at
 # the end while the others are idle.
 LONGEST_FIRST = ("test_demo.py", "test_multihost.py", "test_unet.py", "test_train.py", "test_toy_models.py",
-                 "test_bad_input.py", "test_sampling.py", "test_fsdp.py")
+                 "test_bad_input.py", "test_text_to_image.py", "test_fsdp.py")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -43,6 +43,7 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order within a file kept
 
 from ablate_jax import distributed  # noqa: E402  (imports jax; its backends start later)
+from ablate_jax.toy import shipped_path  # noqa: E402
 
 # The XLA options every command sets, so that tests compute what the commands compute, in this
 # process and in the commands it starts (they inherit XLA_FLAGS).
@@ -96,4 +97,4 @@ def toy_pipe():
     (they are cached per pipeline object)."""
     from ablate_jax.models import load_pipeline
 
-    return load_pipeline("toy")
+    return load_pipeline(shipped_path("pipeline"))

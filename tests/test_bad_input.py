@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from ablate_jax import checkpointing, export, storage, toy, train
+from ablate_jax.workdir import open_workdir
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "xattn.py")
@@ -277,7 +278,7 @@ def test_the_export_refuses_non_finite_parameters(finished, tmp_path, toy_pipe):
     config = config_lib.resolve(tiny_config())
     workdir = copy_of(finished, tmp_path)
     shutil.rmtree(workdir / "export")
-    ablated = checkpointing.restore_ablated_params(config, workdir, toy_pipe)
+    ablated = checkpointing.restore_ablated_params(open_workdir(config, workdir), toy_pipe)
     selection = checkpointing.selection_for(config, toy_pipe, config_lib.concept_from_config(config))
     trained = {k: np.asarray(v).copy() for k, v in selection.split(ablated).items()}
     first = sorted(trained)[0]

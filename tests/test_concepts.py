@@ -2,7 +2,7 @@
 
 import pytest
 
-from ablate_jax import concepts
+from ablate_jax import concepts, families
 from ablate_jax.concepts import Concept, ConceptError
 
 
@@ -31,15 +31,15 @@ def test_memorization_target_is_the_memorized_caption():
 
 
 def test_every_preset_builds_with_its_prompt_sets():
-    for name in concepts.PRESETS:
-        c = concepts.preset(name)
+    for name in families.presets():
+        c = families.preset(name)
         roles = {s.role for s in c.eval_sets}
         assert {"target", "anchor"} <= roles, name
         assert len(c.usable_anchor_prompts()) >= 20, name
         for s in c.eval_sets:
             if s.role not in ("target_paraphrase",) and c.kind != "memorization":
                 assert all(s.concept.split()[0] in p for p in s.prompts), (name, s.name)
-    paper = concepts.preset("grumpy_cat")
+    paper = families.preset("grumpy_cat")
     assert len(paper.anchor_prompts) == 200 and paper.preserve and any(s.role == "surrounding" for s in paper.eval_sets)
 
 
@@ -57,7 +57,7 @@ def test_empty_prompt_file_is_refused(tmp_path):
 
 def test_unknown_preset_and_kind_are_refused():
     with pytest.raises(ConceptError, match="unknown concept preset 'garfield'"):
-        concepts.preset("garfield")
+        families.preset("garfield")
     with pytest.raises(ConceptError, match="concept kind must be one of"):
         Concept("object", ("x",), "y", ("a y",))
 
@@ -78,7 +78,7 @@ CUSTOM = {
 }
 
 
-@pytest.mark.parametrize("arg", [f"concept={name}" for name in concepts.PRESETS] + list(CUSTOM.values()))
+@pytest.mark.parametrize("arg", [f"concept={name}" for name in families.presets()] + list(CUSTOM.values()))
 def test_no_evaluation_prompt_is_a_training_prompt(arg):
     from ablate_jax.config import concept_from_config
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from ablate_jax import cli
+from ablate_jax import cli, families
 from ablate_jax import config as config_lib
 from ablate_jax.config import ConfigError
 
@@ -101,7 +101,7 @@ def test_every_route_resolves_the_same_values(file, family, models):
                 resolved = config_lib.resolve(config)
                 got = {k: _get(resolved, k) for k in expected}
                 assert got == pytest.approx(expected), (file, family, params, loss, route)
-                assert config_lib.model_family(resolved.model) == family
+                assert families.detect(resolved.model).name == family
 
 
 @pytest.mark.parametrize("route", ["arg", "flag"])
@@ -110,7 +110,8 @@ def test_an_explicit_value_wins_over_the_resolved_one(route, models):
                 ("prior_weight", "0.5"), ("anchors.num_images", "64"), ("eval.clip", "/data/clip"),
                 ("train.rescale", "true"), ("train.encode_chunks", "2")]
     config = _from_arg("xattn", explicit) if route == "arg" else _from_flags("xattn", [], explicit)
-    resolved, notes = config_lib.resolve_with_notes(config)
+    spec = config_lib.prepare(config)
+    resolved, notes = spec.config, spec.notes
     assert (resolved.train.learning_rate, resolved.train.steps, resolved.prior_weight) == (7e-6, 33, 0.5)
     assert (resolved.anchors.num_images, resolved.eval.clip, resolved.train.rescale) == (64, "/data/clip", True)
     assert resolved.train.encode_chunks == 2
@@ -137,7 +138,8 @@ def test_a_real_model_scored_by_the_toy_evaluator_is_refused(models):
 def test_preservation_resolves_to_nothing_without_a_preservation_list_and_an_explicit_weight_is_refused():
     custom = ("concept.preset=,concept.kind=instance,concept.target=my character,concept.anchor=cat,"
               "concept.anchor_prompts=anchor_cat")
-    resolved, notes = config_lib.resolve_with_notes(_load("xattn").get_config(custom))
+    spec = config_lib.prepare(_load("xattn").get_config(custom))
+    resolved, notes = spec.config, spec.notes
     assert resolved.preserve.weight == 0.0 and "nothing to preserve" in notes.values["preserve.weight"][1]
     with pytest.raises(ConfigError, match="preserve.weight=2 but the concept names nothing to preserve"):
         config_lib.resolve(_load("xattn").get_config(custom + ",preserve.weight=2"))

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from ablate_jax import checkpointing, train
+from ablate_jax.workdir import open_workdir
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "configs"))
@@ -67,7 +68,7 @@ def test_default_run_export_is_the_trained_model(default_run, toy_pipe):
 
     workdir, _ = default_run
     pipe = toy_pipe
-    trained = checkpointing.restore_ablated_params(xattn.get_config(), workdir, pipe)
+    trained = checkpointing.restore_ablated_params(open_workdir(xattn.get_config(), workdir), pipe)
     from_delta = export.apply_delta(pipe.params, workdir / "export" / "delta.safetensors")
     assert jax.tree.all(jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), from_delta, trained))
     exported = load_pipeline(workdir / "export" / "pipeline")

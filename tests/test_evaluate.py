@@ -10,11 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
-from ablate_jax import evaluate
+from ablate_jax import clip_features, evaluate
 from ablate_jax import report as report_lib
 from ablate_jax.concepts import ROLES, EvalSet
 from ablate_jax.config import base_config
 from ablate_jax.models import load_clip, load_pipeline
+from ablate_jax.toy import shipped_path
 
 
 def test_clip_score_and_accuracy_match_transformers(tmp_path):
@@ -27,7 +28,7 @@ def test_clip_score_and_accuracy_match_transformers(tmp_path):
     images = rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
     texts = [evaluate.concept_text(c) for c in ("grumpy cat", "cat")]
 
-    ours = evaluate.clip_scores(evaluate.image_embeddings(clip, images), evaluate.text_embeddings(clip, texts))
+    ours = evaluate.clip_scores(clip_features.image_embeddings(clip, images), clip_features.text_embeddings(clip, texts))
 
     tok = CLIPTokenizer.from_pretrained(tmp_path)
     ids = torch.from_numpy(tok(texts, padding="max_length", max_length=77, return_tensors="np").input_ids).long()
@@ -41,7 +42,7 @@ def test_clip_score_and_accuracy_match_transformers(tmp_path):
     theirs = 2.5 * torch.clamp(i @ t.T, min=0).numpy()
 
     np.testing.assert_allclose(ours, theirs, atol=1e-5)
-    emb_i, emb_t = evaluate.image_embeddings(clip, images), evaluate.text_embeddings(clip, texts)
+    emb_i, emb_t = clip_features.image_embeddings(clip, images), clip_features.text_embeddings(clip, texts)
     assert evaluate.clip_accuracy(emb_i, emb_t[0], emb_t[1]) == float(np.mean(theirs[:, 0] > theirs[:, 1]))
 
 
@@ -107,7 +108,7 @@ def _config(preset: str, sets: str):
 @pytest.fixture(scope="module")
 def toy():
     # Shared, so that every test reuses the compiled programs (they are cached per pipeline and CLIP).
-    return load_pipeline("toy"), load_clip("toy")
+    return load_pipeline(shipped_path("pipeline")), load_clip(shipped_path("clip"))
 
 
 def _perturbed(params, scale=0.5, seed=0):
@@ -166,7 +167,7 @@ def _grid_size(report, name, sides, columns=4):
 
 
 def _sets(report):
-    from ablate_jax.concepts import preset
+    from ablate_jax.families import preset
 
     return (*preset(report["concept"]["preset"]).eval_sets, MISSPELLING)
 

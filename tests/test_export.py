@@ -23,7 +23,8 @@ from ablate_jax import checkpointing, export, sharding, toy
 from ablate_jax import config as config_lib
 from ablate_jax import params as params_lib
 from ablate_jax.export import ExportError
-from ablate_jax.sampling import SamplingConfig, generate, initial_latents, latent_shape, tokenize
+from ablate_jax.text_to_image import SamplingConfig, draw, initial_latents, latent_shape, tokenize
+from ablate_jax.workdir import open_workdir
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCE = Path(toy.shipped_path("pipeline"))
@@ -80,7 +81,7 @@ def test_files_and_metadata(run, toy_pipe):
     assert sorted(p.name for p in out.iterdir()) == ["delta.safetensors", "export.json", "pipeline"]
     assert all(p.stat().st_mode & 0o044 == 0o044 for p in out.rglob("*"))  # readable by others, like the source
     record = json.loads((out / "export.json").read_text())
-    fp = config_lib.fingerprint(config, *checkpointing.TRAIN_KEYS)
+    fp = config_lib.fingerprint(config, *config_lib.TRAIN_KEYS)
     assert record["checkpoint_step"] is None and record["config_hash"] == fp["hash"]
     assert record["components_replaced"] == (["text_encoder"] if config.params == "embedding" else ["unet"])
 
@@ -175,7 +176,7 @@ def test_pytorch_images_match_ablate_jax(run, toy_pipe):
     latents = np.asarray(initial_latents(jax.random.key(5), np.arange(len(PROMPTS)), latent_shape(toy_pipe, cfg)))
     one_device = sharding.make_mesh(jax.devices()[:1])  # a smaller program to compile than 8-way sharded
     with jax.default_matmul_precision("highest"):
-        ours, base = (generate(toy_pipe, p, PROMPTS, jax.random.key(0), cfg, latents=latents, mesh=one_device,
+        ours, base = (draw(toy_pipe, p, PROMPTS, jax.random.key(0), cfg, latents=latents, mesh=one_device,
                                batch_size=2, output_type="float") for p in (run["ablated"], toy_pipe.params))
     ref = torch_pipeline(run["out"] / "pipeline")
     with torch.no_grad():
@@ -317,7 +318,7 @@ def test_command_line_exports_the_latest_checkpoint(toy_pipe, tmp_path, capsys):
 
     def save_checkpoint(step, seed):
         _, values = perturbed(selection, toy_pipe.params, seed=seed, scale=0.1)
-        checkpointing.check_fingerprint(config, tmp_path, write=True)
+        open_workdir(config, tmp_path, ()).record_checkpoints()
         state = checkpointing.initial_state(values, checkpointing.optimizer_for(config))
         state["step"] = np.int32(step)
         mngr = checkpointing.manager(tmp_path)

@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import optax
 
-from ablate_jax import checkpointing, losses, sampling, sharding, train
+from ablate_jax import checkpointing, losses, sharding, text_to_image, train
 from ablate_jax import params as params_lib
 
 
@@ -19,8 +19,8 @@ def test_fsdp_matches_data_parallel(toy_pipe, tmp_path):
     size, lat = 32, 32 // pipe.vae_downsample
     batches = [{"image": rng.uniform(-1, 1, (8, size, size, 3)).astype(np.float32),
                 "mask": np.ones((8, lat, lat, 1), np.float32),
-                "target_ids": sampling.tokenize(pipe, ["a red smiley on a white background"] * 8),
-                "anchor_ids": sampling.tokenize(pipe, ["a red circle on a white background"] * 8)}
+                "target_ids": text_to_image.tokenize(pipe, ["a red smiley on a white background"] * 8),
+                "anchor_ids": text_to_image.tokenize(pipe, ["a red circle on a white background"] * 8)}
                for _ in range(2)]
     runs = {}
     for fsdp in (1, 4):

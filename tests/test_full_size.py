@@ -55,6 +55,7 @@ def test_every_stage_runs_at_full_size_and_the_export_matches_jax(folders, tmp_p
 
     from ablate_jax import checkpointing, config, train
     from ablate_jax.models import load_pipeline
+    from ablate_jax.workdir import open_workdir
 
     workdir = tmp_path / "w"
     out = _train(folders[kind], folders["clip"], workdir, dtype)
@@ -72,7 +73,7 @@ def test_every_stage_runs_at_full_size_and_the_export_matches_jax(folders, tmp_p
     cfg = config.resolve(train.config_lib.finalize(train.config_lib.base_config(), ",".join(
         [f"concept=grumpy_cat,model={folders[kind]},eval.clip={folders['clip']},dtype={dtype}"]
         + [f"{k}={v}" for k, v in TINY_COUNTS.items()])))
-    ablated = checkpointing.restore_ablated_params(cfg, workdir, base)
+    ablated = checkpointing.restore_ablated_params(open_workdir(cfg, workdir), base)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((1, 32, 32, 4)).astype(np.float32)
     context = rng.standard_normal((1, 77, base.unet.cross_attention_dim)).astype(np.float32)

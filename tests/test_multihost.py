@@ -18,8 +18,9 @@ import jax
 import numpy as np
 import pytest
 
-from ablate_jax import checkpointing, distributed, export, generate, storage, train
+from ablate_jax import anchor_store, anchors, checkpointing, distributed, export, storage, train
 from ablate_jax.config import concept_from_config
+from ablate_jax.workdir import open_workdir
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "configs"))
@@ -45,7 +46,7 @@ def _free_port() -> int:
 
 
 def _launch(workdir: str | Path, arg: str, logs: Path, env_extra: dict | None = None,
-            heartbeat_timeout: int = 60) -> list[subprocess.Popen]:
+            heartbeat_timeout: int = 60, step_delay: float = 0.0) -> list[subprocess.Popen]:
     """Starts the train command as PROCESSES processes of one run; their output goes to ``logs``.
 
     The heartbeat timeout is generous by default: on a loaded 2-core machine a process importing
@@ -63,7 +64,9 @@ def _launch(workdir: str | Path, arg: str, logs: Path, env_extra: dict | None = 
     env.pop("CI", None)
     procs = []
     for pid in range(PROCESSES):
-        cmd = [sys.executable, "-m", "ablate_jax.train", f"--config={ROOT / 'configs' / 'xattn.py'}:{arg}",
+        # With a delay, through tests/slow.py, which pauses after each train step.
+        runner = [str(ROOT / "tests" / "slow.py"), f"--step_delay={step_delay}"] if step_delay else ["-m"]
+        cmd = [sys.executable, *runner, "ablate_jax.train", f"--config={ROOT / 'configs' / 'xattn.py'}:{arg}",
                f"--workdir={workdir}", f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={PROCESSES}",
                f"--process_id={pid}", f"--heartbeat_timeout={heartbeat_timeout}"]
         log = open(logs / f"process{pid}.log", "w")  # noqa: SIM115  (closed with the process)
@@ -105,7 +108,7 @@ def two_processes(tmp_path_factory, gcs_bucket):
 
 
 def test_two_processes_write_the_anchor_set_of_one(one_process, two_processes):
-    one, two = generate.open_anchors(one_process[0]), generate.open_anchors(two_processes[0])
+    one, two = anchor_store.open_anchors(one_process[0]), anchor_store.open_anchors(two_processes[0])
     assert len(one) == len(two) == 16
     differing = 0
     for a, b in zip(one, two, strict=True):
@@ -124,8 +127,8 @@ def test_two_processes_train_the_parameters_of_one(one_process, two_processes, t
     config = xattn.get_config(ARG)
     sel = checkpointing.selection_for(config, toy_pipe, concept_from_config(config))
     # The 2-process checkpoint restores in this single process.
-    one = sel.split(checkpointing.restore_ablated_params(config, one_process[0], toy_pipe))
-    two = sel.split(checkpointing.restore_ablated_params(config, two_processes[0], toy_pipe))
+    one = sel.split(checkpointing.restore_ablated_params(open_workdir(config, one_process[0]), toy_pipe))
+    two = sel.split(checkpointing.restore_ablated_params(open_workdir(config, two_processes[0]), toy_pipe))
     base = sel.split(toy_pipe.params)
     assert one.keys() == two.keys() and len(one) > 0
     for k in one:
@@ -156,7 +159,7 @@ def test_the_bucket_holds_the_whole_run_and_nothing_is_written_beside_it(two_pro
     resolved = json.loads((root / "config.json").read_text())
     assert resolved["family"] == "toy" and resolved["config"]["train"]["steps"] == 4
     assert (root / "anchors" / "run.json").exists() and (root / "anchors" / "preview.png").exists()
-    assert not (root / "anchors" / generate.TMP_DIR).exists()
+    assert not (root / "anchors" / anchor_store.TMP_DIR).exists()
     assert {"report.json", "report.md", "smiley.png"} <= {p.name for p in (root / "eval").iterdir()}
     assert (root / "export" / export.RECORD_FILE).exists()
     assert (root / "export" / export.PIPELINE_DIR / "model_index.json").exists()
@@ -169,7 +172,7 @@ def test_the_export_on_the_bucket_holds_the_trained_parameters(one_process, two_
     sel = checkpointing.selection_for(config, toy_pipe, concept_from_config(config))
     delta = storage.path(two_processes[0]) / "export" / export.DELTA_FILE
     applied = sel.split(export.apply_delta(toy_pipe.params, delta))
-    one = sel.split(checkpointing.restore_ablated_params(config, one_process[0], toy_pipe))
+    one = sel.split(checkpointing.restore_ablated_params(open_workdir(config, one_process[0]), toy_pipe))
     assert applied.keys() == one.keys() and len(one) > 0
     for k in one:
         a, b = np.asarray(one[k]), np.asarray(applied[k])
@@ -205,7 +208,7 @@ def test_a_dead_process_stops_the_others_with_a_clear_error(two_processes, tmp_p
     logs = tmp_path / "logs"
     logs.mkdir()
     procs = _launch(workdir, ARG.replace("train.steps=4", "train.steps=200"), logs,
-                    {train.STEP_DELAY_ENV: "0.5"}, heartbeat_timeout=10)
+                    heartbeat_timeout=10, step_delay=0.5)
     try:
         deadline = time.monotonic() + 300
         while "for 200 steps" not in (logs / "process1.log").read_text():
@@ -244,8 +247,8 @@ def test_fsdp_that_does_not_divide_the_devices_is_refused(tmp_path, toy_pipe):
 ])
 def test_inconsistent_process_flags_are_one_line(flags, message, tmp_path, capsys):
     assert jax.device_count() == 8  # JAX has started in this process, whatever ran before
-    argv = ["generate", f"--config={ROOT / 'configs' / 'xattn.py'}", f"--workdir={tmp_path / 'run'}", *flags]
-    assert generate.main(argv) == 1
+    argv = ["anchors", f"--config={ROOT / 'configs' / 'xattn.py'}", f"--workdir={tmp_path / 'run'}", *flags]
+    assert anchors.main(argv) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
     assert not (tmp_path / "run").exists()

@@ -8,11 +8,12 @@ import pytest
 
 from ablate_jax import params as P
 from ablate_jax.models import load_pipeline
+from ablate_jax.toy import shipped_path
 
 
 @pytest.fixture(scope="module")
 def toy():
-    return load_pipeline("toy")
+    return load_pipeline(shipped_path("pipeline"))
 
 
 def test_groups_select_the_documented_leaves(toy):

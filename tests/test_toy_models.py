@@ -12,7 +12,7 @@ import torch
 
 from ablate_jax import toy
 from ablate_jax.models import load_clip, load_pipeline
-from ablate_jax.toy import pretrain, quality, world
+from ablate_jax.toy import pretrain, quality, shipped_path, world
 
 
 @pytest.mark.slow  # 2 minutes, nearly all of it compiling four training programs, twice
@@ -130,7 +130,7 @@ def test_pretraining_refuses_a_device_count_below_one(tmp_path, capsys):
 def test_shipped_model_is_the_default_and_small():
     size = sum(f.stat().st_size for f in toy.ASSETS.rglob("*") if f.is_file())
     assert size <= 20 * 2**20, size
-    pipe = load_pipeline("toy")
+    pipe = load_pipeline(shipped_path("pipeline"))
     assert pipe.tokenizer.model_max_length == 20
 
 
@@ -138,7 +138,7 @@ def test_shipped_model_loads_in_pytorch_and_matches():
     from diffusers import StableDiffusionPipeline
     from transformers import CLIPModel
 
-    pipe = load_pipeline("toy")
+    pipe = load_pipeline(shipped_path("pipeline"))
     ref = StableDiffusionPipeline.from_pretrained(toy.shipped_path("pipeline"), safety_checker=None)
     ids = pipe.tokenizer(["a red smiley on a striped background"], padding="max_length",
                          max_length=pipe.tokenizer.model_max_length, return_tensors="np").input_ids
@@ -150,7 +150,7 @@ def test_shipped_model_loads_in_pytorch_and_matches():
         ref_eps = ref.unet(torch.from_numpy(x).permute(0, 3, 1, 2), 500, ref_states).sample.permute(0, 2, 3, 1)
     np.testing.assert_allclose(np.asarray(eps), ref_eps.numpy(), rtol=1e-4, atol=1e-5)
 
-    clip = load_clip("toy")
+    clip = load_clip(shipped_path("clip"))
     ref_clip = CLIPModel.from_pretrained(toy.shipped_path("clip"))
     img = world.render(world.sample_scene(np.random.default_rng(0)))[None]
     pixels = ((img / 255.0 - 0.5) / 0.5).astype(np.float32)
@@ -163,7 +163,7 @@ def test_shipped_model_loads_in_pytorch_and_matches():
 
 @pytest.fixture(scope="module")
 def shipped():
-    return load_pipeline("toy"), load_clip("toy")
+    return load_pipeline(shipped_path("pipeline")), load_clip(shipped_path("clip"))
 
 
 def test_base_model_memorized_one_image(shipped):

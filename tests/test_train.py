@@ -15,6 +15,8 @@ import pytest
 
 from ablate_jax import checkpointing, train
 from ablate_jax.config import ConfigError, resolve
+from ablate_jax.toy import shipped_path
+from ablate_jax.workdir import open_workdir
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "configs"))
@@ -34,26 +36,27 @@ def _env(**extra):
     return env
 
 
-def _cli(workdir, arg, *flags, env=None):
-    cmd = [sys.executable, "-m", "ablate_jax.train", f"--config={ROOT / 'configs' / 'xattn.py'}:{arg}",
+def _cli(workdir, arg, *flags, env=None, step_delay=0.0):
+    # With a delay, the command runs through tests/slow.py, which pauses after each train step.
+    runner = [str(ROOT / "tests" / "slow.py"), f"--step_delay={step_delay}"] if step_delay else ["-m"]
+    cmd = [sys.executable, *runner, "ablate_jax.train", f"--config={ROOT / 'configs' / 'xattn.py'}:{arg}",
            f"--workdir={workdir}", *flags]
     return cmd, env or _env()
 
 
 def _trained(config, workdir, pipe):
-    from ablate_jax.config import concept_from_config
-
-    sel = checkpointing.selection_for(config, pipe, concept_from_config(config))
-    return sel.split(checkpointing.restore_ablated_params(config, workdir, pipe))
+    wd = open_workdir(config, workdir)
+    sel = checkpointing.selection_for(wd.spec.config, pipe, wd.spec.concept)
+    return sel.split(checkpointing.restore_ablated_params(wd, pipe, sel))
 
 
 @pytest.fixture(scope="module")
 def tiny_anchors(tmp_path_factory, toy_pipe):
     """Anchors of the tiny config, generated once and copied into each test's workdir."""
-    from ablate_jax import generate
+    from ablate_jax import anchors
 
     workdir = tmp_path_factory.mktemp("tiny") / "w"
-    generate.generate_anchors(xattn.get_config(TINY), workdir, pipeline=toy_pipe, progress=False)
+    anchors.generate_anchors(xattn.get_config(TINY), workdir, pipeline=toy_pipe, progress=False)
     return workdir / "anchors"
 
 
@@ -68,7 +71,7 @@ def test_a_killed_run_resumes_to_the_same_parameters(tmp_path, tiny_anchors, toy
     train.run(xattn.get_config(TINY), straight, pipeline=toy_pipe, progress=False)
 
     killed = _workdir_with_anchors(tmp_path, tiny_anchors, "killed")
-    cmd, env = _cli(killed, TINY, env=_env(**{train.STEP_DELAY_ENV: "1.0"}))
+    cmd, env = _cli(killed, TINY, step_delay=1.0)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 300
@@ -101,8 +104,8 @@ def test_embedding_run_moves_only_target_rows(tmp_path, tiny_anchors):
     workdir = _workdir_with_anchors(tmp_path, tiny_anchors, "emb")
     config = embedding.get_config(TINY + ",train.learning_rate=1e-2")
     train.run(config, workdir, progress=False)
-    pipe = load_pipeline("toy")
-    params = checkpointing.restore_ablated_params(config, workdir, pipe)
+    pipe = load_pipeline(shipped_path("pipeline"))
+    params = checkpointing.restore_ablated_params(open_workdir(config, workdir), pipe)
     path = ("text_encoder", "text_model", "embeddings", "token_embedding", "embedding")
     before, after = pipe.params, params
     for p in path:
@@ -223,7 +226,7 @@ def test_chunked_encoding_and_a_16_bit_frozen_base_compute_the_same_objective(to
     from ablate_jax import losses
     from ablate_jax import params as params_lib
     from ablate_jax.models import load_pipeline
-    from ablate_jax.sampling import tokenize
+    from ablate_jax.text_to_image import tokenize
 
     rng = np.random.default_rng(0)
     batch = {"image": rng.uniform(-1, 1, (8, 32, 32, 3)).astype(np.float32), "mask": np.ones((8, 8, 8, 1), np.float32),
@@ -232,8 +235,8 @@ def test_chunked_encoding_and_a_16_bit_frozen_base_compute_the_same_objective(to
     key = jax.random.key(3)
     values = {}
     for name, pipe, chunks, cast in (("plain", toy_pipe, 1, False), ("chunked", toy_pipe, 4, False),
-                                     ("bf16", load_pipeline("toy", dtype=jnp.bfloat16), 1, False),
-                                     ("bf16 frozen in bf16", load_pipeline("toy", dtype=jnp.bfloat16), 1, True)):
+                                     ("bf16", load_pipeline(shipped_path("pipeline"), dtype=jnp.bfloat16), 1, False),
+                                     ("bf16 frozen in bf16", load_pipeline(shipped_path("pipeline"), dtype=jnp.bfloat16), 1, True)):
         sel = params_lib.selection(pipe.params, "xattn_kv")
         objective = train.make_objective(pipe, sel, loss_cfg, encode_chunks=chunks)
         base = params_lib.frozen_for_compute(pipe.params, jnp.bfloat16) if cast else pipe.params
@@ -244,3 +247,33 @@ def test_chunked_encoding_and_a_16_bit_frozen_base_compute_the_same_objective(to
     assert values["chunked"] == pytest.approx(values["plain"], rel=1e-6)
     assert values["bf16 frozen in bf16"] == values["bf16"]
     assert values["bf16"] == pytest.approx(values["plain"], rel=0.1)  # a bfloat16 model, not another one
+
+
+def test_a_run_builds_its_concept_once_guards_its_workdir_once_and_restores_once(tmp_path, tiny_anchors, toy_pipe,
+                                                                                monkeypatch):
+    # The stages share what run() made: one concept, one workdir guard, one restore of the
+    # trained parameters for both evaluation and export.
+    import collections
+
+    from ablate_jax import config as config_lib
+    from ablate_jax import workdir as workdir_lib
+
+    calls = collections.Counter()
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(config_lib, "concept_from_config", counted("concept", config_lib.concept_from_config))
+    monkeypatch.setattr(workdir_lib.Workdir, "guard", counted("guard", workdir_lib.Workdir.guard))
+    monkeypatch.setattr(checkpointing, "restore", counted("restore", checkpointing.restore))
+    workdir = _workdir_with_anchors(tmp_path, tiny_anchors, "once")
+    config = xattn.get_config(TINY + ",eval.enabled=True,eval.num_images=2,eval.steps=2,eval.sets=smiley,"
+                              "export.enabled=True")
+    report = train.run(config, workdir, pipeline=toy_pipe, progress=False)
+    assert list(report["sets"]) == ["smiley"] and (workdir / "export" / "delta.safetensors").exists()
+    assert report["anchors"]["skipped"] and report["train"]["steps"] == 8
+    assert calls == {"concept": 1, "guard": 1, "restore": 1}, calls

@@ -33,16 +33,13 @@ class ModelLoadError(ValueError):
     """A model folder cannot be loaded; the message says which file or tensor and why."""
 
 
-def resolve_path(path: str | os.PathLike, *, toy_component: str = "pipeline") -> epath.Path:
+def resolve_path(path: str | os.PathLike) -> epath.Path:
     """Local folder or ``gs://`` URL as an epath; a ``owner/name`` hub id is downloaded (safetensors only).
 
-    ``toy`` names the toy world's shipped model (``toy_component``: ``pipeline`` or ``clip``).
+    Named models (``"toy"``) are their family's to locate (:func:`ablate_jax.families.named_model`);
+    this function sees folders and hub ids only.
     """
     text = os.fspath(path)
-    if text == "toy":
-        from ablate_jax import toy  # noqa: PLC0415
-
-        return epath.Path(toy.shipped_path(toy_component))
     if text.endswith(PICKLE_SUFFIXES) and not text.startswith("gs://") and os.path.isfile(text):
         raise ModelLoadError(f"{text} is a pickled checkpoint, which ablate_jax never loads; {_CONVERT_HINT}")
     p = epath.Path(text)
@@ -240,7 +237,7 @@ def check_pipeline(path: str | os.PathLike) -> epath.Path:
 
 def check_clip(path: str | os.PathLike) -> epath.Path:
     """What :func:`load_clip` needs is there and whole, without reading any weights; returns the folder."""
-    root = resolve_path(path, toy_component="clip")
+    root = resolve_path(path)
     read_json(root / "config.json")
     check_weights(root)
     return root
@@ -298,7 +295,7 @@ def load_clip(path: str | os.PathLike, *, dtype: Any = None) -> CLIP:
     """Reads a transformers ``CLIPModel`` folder (config.json, model.safetensors, tokenizer files)."""
     from ablate_jax.models.clip import CLIPModel  # noqa: PLC0415
 
-    root = resolve_path(path, toy_component="clip")
+    root = resolve_path(path)
     model, params = load_component(root, CLIPModel, **({"dtype": dtype} if dtype is not None else {}))
     pre = root / "preprocessor_config.json"
     pre_cfg = read_json(pre) if pre.exists() else {}

@@ -111,7 +111,7 @@ MIN_SNR_GAMMA = 5.0
 # network also predicts unconditionally, as classifier-free guidance needs. Guidance 6 extrapolates
 # far along conditional minus unconditional; with 0.1 (Stable Diffusion's share) the base model drew
 # the named background in 0.833 of held-out prompts at guidance 6, with 0.2 in 0.867 (10,000 steps
-# at batch 64; README, The toy world).
+# at batch 64; docs/toy-world.md).
 CAPTION_DROPOUT = 0.2
 
 SCHEDULER_CONFIG: dict[str, Any] = dict(
@@ -128,7 +128,7 @@ class Budget:
     The UNet and the evaluator gain more from steps than from batch size: on this CPU a step's cost
     is mostly fixed (a UNet step alone takes 0.19 s at batch 64, 0.11 s at 32). The UNet at batch 32
     for 12,000 steps meets every quality bar, as batch 64 for 10,000 steps did, where batch 128 for
-    5,000 steps fell far short (README, The toy world).
+    5,000 steps fell far short (docs/toy-world.md).
     """
 
     examples: int

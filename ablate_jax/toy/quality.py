@@ -29,11 +29,11 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from ablate_jax import evaluate, samplers
+from ablate_jax import clip_features, evaluate, samplers
 from ablate_jax import schedule as schedule_lib
 from ablate_jax.models import CLIP, Pipeline, load_clip, load_pipeline
-from ablate_jax.sampling import SamplingConfig, generate, tokenize
-from ablate_jax.toy import pretrain, world
+from ablate_jax.text_to_image import SamplingConfig, draw, tokenize
+from ablate_jax.toy import pretrain, shipped_path, world
 
 ATTRIBUTES = ("shape", "colour", "background")
 SAMPLING = SamplingConfig(sampler="dpmpp_2m", num_steps=25, guidance_scale=6.0)
@@ -41,11 +41,11 @@ SAMPLING = SamplingConfig(sampler="dpmpp_2m", num_steps=25, guidance_scale=6.0)
 
 def classify(clip: CLIP, images: np.ndarray) -> dict[str, np.ndarray]:
     """Zero-shot attribute values (as strings) for each image."""
-    emb = evaluate.image_embeddings(clip, images)
+    emb = clip_features.image_embeddings(clip, images)
     out = {}
     for attribute, values in world.all_concepts().items():
         texts = [evaluate.concept_text(world.concept_prompt(v)) for v in values]
-        out[attribute] = np.asarray(values)[evaluate.zero_shot(emb, evaluate.text_embeddings(clip, texts))]
+        out[attribute] = np.asarray(values)[evaluate.zero_shot(emb, clip_features.text_embeddings(clip, texts))]
     return out
 
 
@@ -127,7 +127,7 @@ def base_model_readings(
     """The evaluator's readings of generations from ``n`` held-out prompts."""
     prompts, scenes = heldout_prompts(n)
     cfg = dataclasses.replace(SAMPLING, guidance_scale=guidance)
-    images = generate(pipe, pipe.params, prompts, jax.random.key(seed), cfg, batch_size=64)
+    images = draw(pipe, pipe.params, prompts, jax.random.key(seed), cfg, batch_size=64)
     return Readings.of(clip, images, scenes)
 
 
@@ -187,9 +187,9 @@ def base_model_agreement(pipe: Pipeline, clip: CLIP, n: int = 120, seed: int = 0
 def memorization_rates(pipe: Pipeline, n: int = 64, seed: int = 0) -> dict[str, float]:
     """Reproduction rate of the memorized image from its caption, and from ordinary prompts."""
     key = jax.random.key(seed)
-    from_caption = generate(pipe, pipe.params, [world.MEMORIZED_CAPTION] * n, key, SAMPLING, batch_size=64)
+    from_caption = draw(pipe, pipe.params, [world.MEMORIZED_CAPTION] * n, key, SAMPLING, batch_size=64)
     prompts, _ = heldout_prompts(n, seed=3003)
-    from_others = generate(pipe, pipe.params, prompts, key, SAMPLING, batch_size=64, start_index=n)
+    from_others = draw(pipe, pipe.params, prompts, key, SAMPLING, batch_size=64, start_index=n)
     rate = lambda imgs: float(np.mean(world.memorization_similarity(imgs) > world.MEMORIZATION_THRESHOLD))  # noqa: E731
     return {"memorized_caption": rate(from_caption), "other_prompts": rate(from_others)}
 
@@ -203,7 +203,7 @@ def sample_grid(pipe: Pipeline, per_row: int = 6, seed: int = 0) -> np.ndarray:
         "a blue triangle on a striped background", world.MEMORIZED_CAPTION,
     ]
     prompts = [p for p in rows for _ in range(per_row)]
-    images = generate(pipe, pipe.params, prompts, jax.random.key(seed), SAMPLING, batch_size=64)
+    images = draw(pipe, pipe.params, prompts, jax.random.key(seed), SAMPLING, batch_size=64)
     h, w = images.shape[1:3]
     grid = images.reshape(len(rows), per_row, h, w, 3).transpose(0, 2, 1, 3, 4).reshape(len(rows) * h, per_row * w, 3)
     return grid
@@ -216,8 +216,15 @@ class Report:
     memorization: dict[str, float]
 
 
+def _load(model: str) -> tuple[Pipeline, CLIP]:
+    """The shipped model (``"toy"``) or a ``toy.pretrain`` output folder (with ``pipeline/`` and ``clip/``)."""
+    if model == "toy":
+        return load_pipeline(shipped_path("pipeline")), load_clip(shipped_path("clip"))
+    return load_pipeline(f"{model}/pipeline"), load_clip(f"{model}/clip")
+
+
 def measure(model: str = "toy") -> Report:
-    pipe, clip = load_pipeline(model), load_clip(model)
+    pipe, clip = _load(model)
     return Report(evaluator_accuracy(clip), base_model_agreement(pipe, clip), memorization_rates(pipe))
 
 
@@ -230,10 +237,7 @@ def main(argv: list[str] | None = None) -> None:
                     help="also read the held-out prompts' drawings noised to timestep T and denoised by the model")
     ap.add_argument("--grid", default=None, help="also write a sample grid PNG here (a row per prompt, 4x upscaled)")
     args = ap.parse_args(argv)
-    if args.model == "toy":
-        pipe, clip = load_pipeline("toy"), load_clip("toy")
-    else:
-        pipe, clip = load_pipeline(f"{args.model}/pipeline"), load_clip(f"{args.model}/clip")
+    pipe, clip = _load(args.model)
     rounded = lambda d: {k: round(v, 3) for k, v in d.items()}  # noqa: E731
     for title, readings in (
         ("evaluator zero-shot accuracy", evaluator_readings(clip)),

@@ -8,7 +8,7 @@ from tiny_models import rel_err
 
 from ablate_jax import sharding
 from ablate_jax.models import load_pipeline
-from ablate_jax.sampling import SamplingConfig, generate, initial_latents, latent_shape
+from ablate_jax.text_to_image import SamplingConfig, draw, initial_latents, latent_shape
 
 PROMPTS = ["a grumpy cat on a sofa", "a painting of a harbour at dusk", "a red robot"]
 
@@ -27,7 +27,7 @@ def test_images_match_diffusers(pipes, kind, sampler):
     cfg = SamplingConfig(sampler=sampler, num_steps=10, guidance_scale=6.0)
     latents = np.asarray(initial_latents(jax.random.key(3), np.arange(len(PROMPTS)), latent_shape(pipe, cfg)))
     with jax.default_matmul_precision("highest"):
-        ours = generate(pipe, pipe.params, PROMPTS, jax.random.key(0), cfg, latents=latents, output_type="float")
+        ours = draw(pipe, pipe.params, PROMPTS, jax.random.key(0), cfg, latents=latents, output_type="float")
 
     ref = StableDiffusionPipeline.from_pretrained(path, safety_checker=None)
     if sampler == "ddim":
@@ -56,14 +56,14 @@ def test_same_images_on_1_and_8_devices_and_any_batch_size(pipes):
     prompts = [f"a photo of a cat number {i}" for i in range(8)]
     key = jax.random.key(7)
     assert len(jax.devices()) == 8
-    one = generate(pipe, pipe.params, prompts, key, cfg, mesh=sharding.make_mesh(jax.devices()[:1]), batch_size=1)
-    eight = generate(pipe, pipe.params, prompts, key, cfg, batch_size=8)
-    three = generate(pipe, pipe.params, prompts, key, cfg, batch_size=3)  # rounded up to 8: a padded last batch
+    one = draw(pipe, pipe.params, prompts, key, cfg, mesh=sharding.make_mesh(jax.devices()[:1]), batch_size=1)
+    eight = draw(pipe, pipe.params, prompts, key, cfg, batch_size=8)
+    three = draw(pipe, pipe.params, prompts, key, cfg, batch_size=3)  # rounded up to 8: a padded last batch
     assert one.dtype == np.uint8 and one.shape == (8, 16, 16, 3)
     np.testing.assert_array_equal(one, eight)
     np.testing.assert_array_equal(three, eight)
     # A slice of the job, by global index, reproduces the same images.
-    part = generate(pipe, pipe.params, prompts[5:], key, cfg, start_index=5)
+    part = draw(pipe, pipe.params, prompts[5:], key, cfg, start_index=5)
     np.testing.assert_array_equal(part, eight[5:])
     assert len({img.tobytes() for img in eight}) == 8  # different seeds per image
 
@@ -76,8 +76,8 @@ def test_per_device_batch_changes_only_float_rounding(pipes):
     prompts = [f"a photo of a cat number {i}" for i in range(6)]
     key = jax.random.key(7)
     one_device = sharding.make_mesh(jax.devices()[:1])
-    a = generate(pipe, pipe.params, prompts, key, cfg, mesh=one_device, batch_size=3, output_type="float")
-    b = generate(pipe, pipe.params, prompts, key, cfg, mesh=one_device, batch_size=1, output_type="float")
+    a = draw(pipe, pipe.params, prompts, key, cfg, mesh=one_device, batch_size=3, output_type="float")
+    b = draw(pipe, pipe.params, prompts, key, cfg, mesh=one_device, batch_size=1, output_type="float")
     assert float(np.abs(a - b).max()) <= 1e-5
 
 
@@ -85,8 +85,8 @@ def test_bad_input_is_refused(pipes):
     _, pipe = pipes["sd1"]
     key = jax.random.key(0)
     with pytest.raises(ValueError, match="num_steps must be positive"):
-        generate(pipe, pipe.params, ["a cat"], key, SamplingConfig(num_steps=0))
+        draw(pipe, pipe.params, ["a cat"], key, SamplingConfig(num_steps=0))
     with pytest.raises(ValueError, match="unknown sampler 'euler'"):
-        generate(pipe, pipe.params, ["a cat"], key, SamplingConfig(sampler="euler"))
+        draw(pipe, pipe.params, ["a cat"], key, SamplingConfig(sampler="euler"))
     with pytest.raises(ValueError, match="no prompts"):
-        generate(pipe, pipe.params, [], key)
+        draw(pipe, pipe.params, [], key)

@@ -26,11 +26,13 @@ import jax
 import numpy as np
 import pytest
 
-from ablate_jax import generate, sharding
-from ablate_jax.config import ANCHOR_KEYS, concept_from_config, fingerprint
-from ablate_jax.generate import AnchorError, anchors_dir, generate_anchors, open_anchors, shard_name
+from ablate_jax import anchors, distributed, memorization, sharding
+from ablate_jax.anchor_store import AnchorError, anchors_dir, open_anchors, shard_name
+from ablate_jax.anchors import generate_anchors
+from ablate_jax.config import ANCHOR_KEYS, anchor_sampling, fingerprint, prepare
 from ablate_jax.models import load_pipeline
-from ablate_jax.toy import world
+from ablate_jax.toy import shipped_path, world
+from ablate_jax.workdir import WorkdirError
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "xattn.py"
@@ -76,7 +78,7 @@ def tree(path):
 
 @pytest.fixture(scope="module")
 def pipe():
-    return load_pipeline("toy")
+    return load_pipeline(shipped_path("pipeline"))
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +107,7 @@ def test_dataset_layout_and_contents(reference):
     assert run["complete"] and run["fingerprint"] == fingerprint(make_config(), *ANCHOR_KEYS)
     assert run["shard_lengths"] == [8, 8, 4]
 
-    prompts = concept_from_config(make_config()).usable_anchor_prompts()
+    prompts = prepare(make_config()).concept.usable_anchor_prompts()
     assert [e["index"] for e in examples] == list(range(20))
     assert all(e["prompt"] == prompts[e["index"] % len(prompts)] and e["seed"] == 0 for e in examples)
     assert all(e["image"].dtype == np.uint8 and e["image"].shape == (32, 32, 3) for e in examples)
@@ -122,11 +124,13 @@ def test_killed_run_on_8_devices_resumes_on_1_device_to_the_same_dataset(referen
     # uninterrupted 1-device run: neither the kill nor the device count changes an image.
     out = anchors_dir(tmp_path)
     second = out / shard_name(1, 3)
-    env = {**os.environ, generate.SHARD_DELAY_ENV: "1.5"}  # a pause after each shard to kill it in
+    env = dict(os.environ)
     # The command keeps its compiled programs in --compilation_cache; every one, however quick.
     env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     cache = tmp_path / "xla-cache"
-    cmd = [sys.executable, "-m", "ablate_jax.generate", *cli_flags(tmp_path), f"--compilation_cache={cache}"]
+    # tests/slow.py pauses after each shard, to kill the command in.
+    cmd = [sys.executable, str(REPO / "tests" / "slow.py"), "--shard_delay=1.5", "ablate_jax.anchors",
+           *cli_flags(tmp_path), f"--compilation_cache={cache}"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 300
@@ -159,7 +163,7 @@ def test_killed_run_on_8_devices_resumes_on_1_device_to_the_same_dataset(referen
 def test_rerun_of_a_finished_set_does_nothing_and_says_so(reference, capsys):
     workdir = reference[0]
     before = tree(workdir)
-    assert generate.main(["generate", *cli_flags(workdir)]) == 0
+    assert anchors.main(["anchors", *cli_flags(workdir)]) == 0
     assert "anchors already complete: 20 images in 3 shards" in capsys.readouterr().out
     summary = generate_anchors(make_config(), workdir, progress=False)  # no pipeline: none is loaded
     assert summary["skipped"] and summary["num_images"] == 20 and summary["generated"] == 0
@@ -171,9 +175,20 @@ def test_processes_write_disjoint_shards_of_the_same_dataset(reference, pipe, me
     # process 0 writes the metadata once both have passed the barrier.
     local = threading.local()
     barrier = threading.Barrier(2, timeout=120)
-    monkeypatch.setattr(generate, "_process_index", lambda: local.index)
-    monkeypatch.setattr(generate, "_process_count", lambda: 2)
-    monkeypatch.setattr(generate, "_barrier", lambda name: barrier.wait())
+    class TwoProcesses:
+        """jax as the anchors module sees it, in a thread standing in for a process."""
+
+        def __getattr__(self, name):
+            return getattr(jax, name)
+
+        def process_index(self):
+            return local.index
+
+        def process_count(self):
+            return 2
+
+    monkeypatch.setattr(anchors, "jax", TwoProcesses())
+    monkeypatch.setattr(distributed, "barrier", lambda name: barrier.wait())
     results, errors = {}, []
 
     def process(index):
@@ -215,7 +230,7 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(case, expected, tmp_path
         "unknown_key": {"anchors.bogus": 1},
     }[case]
     workdir = tmp_path / "run"
-    assert generate.main(["generate", *cli_flags(workdir, **overrides)]) == 1
+    assert anchors.main(["anchors", *cli_flags(workdir, **overrides)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and expected in err[0], err
     assert not workdir.exists()
@@ -224,14 +239,14 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(case, expected, tmp_path
 def test_workdir_of_another_run_is_refused_and_left_alone(reference, tmp_path, capsys):
     workdir = reference[0]
     before = tree(workdir)
-    assert generate.main(["generate", *cli_flags(workdir, **{"concept.preset": "toy_striped"})]) == 1
+    assert anchors.main(["anchors", *cli_flags(workdir, **{"concept.preset": "toy_striped"})]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "holds anchors of another run" in err[0] and "concept.preset" in err[0], err
-    with pytest.raises(AnchorError, match=r"seed: 0 -> 3"):
+    with pytest.raises(WorkdirError, match=r"holds anchors of another run \(seed: 0 -> 3\)"):
         generate_anchors(make_config(seed=3), workdir, progress=False)
     (tmp_path / "anchors").mkdir()
     (tmp_path / "anchors" / "notes.txt").write_text("mine")
-    with pytest.raises(AnchorError, match="not an anchor set"):
+    with pytest.raises(WorkdirError, match="not an anchor set"):
         generate_anchors(make_config(), tmp_path, progress=False)
     assert tree(workdir) == before
 
@@ -252,7 +267,7 @@ def test_memorized_images_are_dropped_and_counted(pipe, mesh1, tmp_path, caplog)
     assert "dropped as memorized" in summary["message"]
     assert any("reproduce the memorized image" in r.getMessage() for r in caplog.records)
     run = json.loads((anchors_dir(tmp_path) / "run.json").read_text())
-    assert run["dropped"] == summary["dropped"] and run["memorization"]["measure"] == "toy"
+    assert run["dropped"] == summary["dropped"] and run["memorization"]["measure"] == "toy_world"
     images = np.stack([e["image"] for e in kept])
     assert np.all(world.memorization_similarity(images) <= world.MEMORIZATION_THRESHOLD)
     dropped = set(range(16)) - {e["index"] for e in kept}
@@ -265,14 +280,14 @@ def test_clip_measure_flags_reproductions_of_the_memorized_caption(pipe, mesh1):
     # The toy world's pixel detector is the ground truth: at 8 sampling steps a sample of the
     # caption can come out loose enough that neither measure calls it a copy.
     from ablate_jax.models import load_clip
-    from ablate_jax.sampling import generate as sample
+    from ablate_jax.text_to_image import draw as sample
 
-    config = make_config(**{"concept.preset": "toy_memorized"})
-    concept = concept_from_config(config)
-    measure = generate.clip_measure(config, concept, pipe, mesh1, clip=load_clip("toy"))
+    spec = prepare(make_config(**{"concept.preset": "toy_memorized"}))
+    config, concept = spec.config, spec.concept
+    measure = memorization.clip_reference_measure(spec, pipe, mesh1, load_clip(shipped_path("clip")))
     assert measure.name == "clip" and measure.threshold == config.anchors.memorization_threshold
     assert measure.references.shape == (config.anchors.memorization_references, 32, 32, 3)
-    cfg = generate.anchor_sampling(config)
+    cfg = anchor_sampling(config)
     key = jax.random.key(1)  # other seeds than the references'
     copies = sample(pipe, pipe.params, [world.MEMORIZED_CAPTION] * 8, key, cfg, batch_size=1, mesh=mesh1)
     others = sample(pipe, pipe.params, list(concept.anchor_prompts[:8]), key, cfg, batch_size=1, mesh=mesh1)

@@ -1,6 +1,6 @@
 """Text to image: tokenize, encode, denoise and decode in one compiled program per shape.
 
-``generate`` is the one sampling path of the project (anchor generation, evaluation and the
+``draw`` is the one text-to-image path of the project (anchor generation, evaluation and the
 toy world all use it). Image ``i`` of a call depends only on ``key`` and its global index
 ``start_index + i``: its initial latents and any sampler noise come from
 ``fold_in(key, start_index + i)``, so the images do not depend on the batch size, the number
@@ -113,7 +113,7 @@ def _compiled(pipeline: Pipeline, cfg: SamplingConfig, mesh: jax.sharding.Mesh):
     )
 
 
-def generate(
+def draw(
     pipeline: Pipeline,
     params: dict[str, Any],
     prompts: Sequence[str],
