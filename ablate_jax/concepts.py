@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 
+import numpy as np
+
 KINDS = ("instance", "style", "memorization")
 ROLES = ("target", "target_paraphrase", "anchor", "preserved", "surrounding")
 
@@ -124,6 +126,8 @@ def replace_word(text: str, word: str, replacement: str) -> str:
 
 
 MISSPELLINGS = ("doubled", "dropped", "swapped", "substituted")
+# Further one-letter variants that attacks try (evaluation sets use MISSPELLINGS only).
+MORE_MISSPELLINGS = ("inserted", "split")
 
 
 def target_word(targets: Sequence[str], anchor: str) -> str:
@@ -147,12 +151,14 @@ def _next_letter(ch: str) -> str:
     return "x" if ch != "x" else "y"
 
 
-def misspellings(word: str) -> dict[str, str]:
+def misspellings(word: str, *, extended: bool = False) -> dict[str, str]:
     """One-letter misspellings of ``word`` by kind, each different from the word and from each other.
 
     Around the middle letter ``i``: ``doubled`` ("smiley" -> "smilley"), ``dropped`` ("smiey"),
     ``swapped`` with the next letter ("smiely"), ``substituted`` by the next vowel or consonant
-    ("smimey"). A kind that cannot change a word this short is left out.
+    ("smimey"); with ``extended`` also ``inserted`` (the next vowel or consonant after the one
+    at ``i`` put before it: "smimley") and ``split`` by a space ("smi ley"). A kind that cannot
+    change a word this short is left out.
     """
     n = len(word)
     if n < 2:
@@ -164,13 +170,38 @@ def misspellings(word: str) -> dict[str, str]:
         "dropped": word[:i] + word[i + 1 :],
         "swapped": word[:j] + word[j + 1] + word[j] + word[j + 2 :],
         "substituted": word[:i] + _next_letter(word[i]) + word[i + 1 :],
+        "inserted": word[:i] + _next_letter(word[i]) + word[i:],
+        "split": word[:i] + " " + word[i:],
     }
     out: dict[str, str] = {}
-    for kind in MISSPELLINGS:
+    for kind in MISSPELLINGS + (MORE_MISSPELLINGS if extended else ()):
         wrong = candidates[kind]
         if wrong != word and wrong not in out.values():
             out[kind] = wrong
     return out
+
+
+def random_misspelling(word: str, rng: np.random.Generator, avoid: Sequence[str] = ()) -> str:
+    """``word`` with one letter doubled, dropped, swapped with the next, replaced or inserted, at a random
+    position; never a string of ``avoid`` (the attacks' own variants) nor the word itself."""
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    for _ in range(100):
+        i = int(rng.integers(len(word)))
+        kind = int(rng.integers(5))
+        c = letters[int(rng.integers(26))]
+        if kind == 0:
+            out = word[: i + 1] + word[i:]
+        elif kind == 1 and len(word) > 2:
+            out = word[:i] + word[i + 1 :]
+        elif kind == 2 and i + 1 < len(word):
+            out = word[:i] + word[i + 1] + word[i] + word[i + 2 :]
+        elif kind == 3:
+            out = word[:i] + c + word[i + 1 :]
+        else:
+            out = word[:i] + c + word[i:]
+        if out != word and out not in avoid:
+            return out
+    return word
 
 
 def misspell(text: str) -> str:

@@ -32,6 +32,7 @@ from ablate_jax import concepts, families, losses
 from ablate_jax.text_to_image import SamplingConfig
 
 PARAM_GROUPS = ("xattn_kv", "xattn", "attn", "full", "embedding")
+ATTACKS = ("misspelling", "paraphrase", "embedding", "search")
 DTYPES = ("float32", "bfloat16")
 REMAT = ("none", "attention", "blocks")
 
@@ -77,6 +78,18 @@ def base_config() -> ml_collections.ConfigDict:
     c.preserve.concepts = ()
     c.preserve.weight = auto(float)
     c.stop_sot_kv_grad = True
+
+    # Robust ablation (docs/attacks.md). ``adversarial``: each step, a few steps of gradient ascent
+    # find the perturbation of the target words' embeddings (each within ``epsilon`` times its
+    # norm) under which the student strays furthest from the anchor, and the ablation loss is
+    # applied there too, weighted by ``weight``. ``misspell``: the fraction of target prompts whose
+    # target word gets one random letter changed (never one of the attacks' own variants).
+    c.robust = ml_collections.ConfigDict()
+    c.robust.adversarial = False
+    c.robust.epsilon = 0.5
+    c.robust.steps = 3
+    c.robust.weight = 1.0
+    c.robust.misspell = 0.0
 
     # Device layout. fsdp > 1 splits parameters and optimizer state over that many devices
     # (fully sharded data parallel) for full fine-tunes of models too large to replicate; the
@@ -142,6 +155,18 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.memorization_threshold = 0.9
     c.eval.memorized_image = ""
     c.eval.grid_columns = 4  # images per side in each row of the before/after grids
+    # Attacks that try to bring the target back, drawn and scored after the sets: ';'-separated
+    # kinds (misspelling, paraphrase, embedding, search) or "all"; empty: none (docs/attacks.md).
+    c.eval.attacks = ""
+
+    # Settings of the learned attacks (embedding and search).
+    c.attack = ml_collections.ConfigDict()
+    c.attack.images = 16  # base-model images of target prompts that the learned attacks fit
+    c.attack.embedding_steps = 300  # textual-inversion steps (Adam)
+    c.attack.embedding_learning_rate = 5e-3
+    c.attack.search_steps = 30  # rounds of the prompt search, one prefix position each
+    c.attack.search_candidates = 16  # random vocabulary words tried per round
+    c.attack.search_tokens = 3  # words put before the target prompt
 
     c.export = ml_collections.ConfigDict()
     c.export.enabled = True
@@ -404,6 +429,18 @@ def check(config: ml_collections.ConfigDict, family: families.Family, concept: c
             raise ConfigError(f"{name}: {e}") from e
     if not config.eval.clip:
         raise ConfigError("eval.clip is empty; give a CLIP folder or hub id")
+    attack_kinds(config.eval.attacks)
+    for key in ("attack.images", "attack.embedding_steps", "attack.search_steps", "attack.search_candidates",
+                "attack.search_tokens"):
+        positive(key, _get(config, key), integer=True)
+    positive("attack.embedding_learning_rate", config.attack.embedding_learning_rate)
+    r = config.robust
+    if r.adversarial:
+        positive("robust.epsilon", r.epsilon)
+        positive("robust.steps", r.steps, integer=True)
+        positive("robust.weight", r.weight)
+    if not 0.0 <= r.misspell <= 1.0:
+        raise ConfigError(f"robust.misspell must lie in [0, 1], got {r.misspell}")
     owner = next((f for f in families.all_families() if f.named(config.eval.clip, "clip")), None)
     if owner is not None and owner is not family:
         raise ConfigError(f"eval.clip={config.eval.clip!r} would score {config.model} with the {owner.title}'s "
@@ -418,9 +455,21 @@ def check(config: ml_collections.ConfigDict, family: families.Family, concept: c
         raise ConfigError(str(e)) from e
 
 
+def attack_kinds(text: str) -> tuple[str, ...]:
+    """``eval.attacks`` as attack kinds: ``"all"``, or ``;``-separated kinds of :data:`ATTACKS`."""
+    names = [n.strip() for n in text.split(";") if n.strip()]
+    if names == ["all"]:
+        return ATTACKS
+    unknown = [n for n in names if n not in ATTACKS]
+    if unknown:
+        raise ConfigError(f"eval.attacks names {unknown[0]!r}; choose among {', '.join(ATTACKS)} or all")
+    return tuple(dict.fromkeys(names))
+
+
 def loss_config(config: ml_collections.ConfigDict) -> losses.LossConfig:
     return losses.LossConfig(loss=config.loss, teacher=config.teacher, prior_weight=float(config.prior_weight or 0.0),
-                             preserve_weight=float(config.preserve.weight or 0.0))
+                             preserve_weight=float(config.preserve.weight or 0.0),
+                             adversarial_weight=float(config.robust.weight) if config.robust.adversarial else 0.0)
 
 
 # ------------------------------------------------------------------------------------------------ the concept
@@ -565,11 +614,16 @@ def fingerprint(config: ml_collections.ConfigDict, *keys: str) -> dict[str, Any]
     """The config fields a workdir artefact depends on, plus a short hash of them.
 
     Stored beside anchors and checkpoints; a rerun whose fingerprint differs is refused rather
-    than mixing two runs in one workdir (:mod:`ablate_jax.workdir`). An unresolved config is resolved first.
+    than mixing two runs in one workdir (:mod:`ablate_jax.workdir`). An unresolved config is resolved
+    first. A section of :data:`OFF_UNLESS_USED` is left out while its feature is off, so a run that
+    does not use it keeps the identity it had before the feature existed.
     """
-    flat = (config if is_resolved(config) else resolve(config)).to_dict()
+    config = config if is_resolved(config) else resolve(config)
+    flat = config.to_dict()
     picked: dict[str, Any] = {}
     for key in keys:
+        if key in OFF_UNLESS_USED and not OFF_UNLESS_USED[key](config):
+            continue
         node: Any = flat
         for part in key.split("."):
             node = node[part]
@@ -578,11 +632,13 @@ def fingerprint(config: ml_collections.ConfigDict, *keys: str) -> dict[str, Any]
     return {"fields": picked, "hash": digest}
 
 
+# Sections whose feature is off by default, fingerprinted only when it is on.
+OFF_UNLESS_USED = {"robust": lambda c: bool(c.robust.adversarial or c.robust.misspell)}
 ANCHOR_KEYS = ("model", "seed", "concept", "anchors.num_images", "anchors.sampler", "anchors.steps",
                "anchors.guidance", "anchors.eta", "anchors.shard_size")
 # What the trained parameters depend on (checkpoints and the export record it).
 TRAIN_KEYS = ANCHOR_KEYS + (
     "dtype", "params", "loss", "teacher", "prior_weight", "preserve", "stop_sot_kv_grad",
     "train.steps", "train.batch_size", "train.learning_rate", "train.weight_decay", "train.clip_norm", "train.flip",
-    "train.rescale",
+    "train.rescale", "robust",
 )

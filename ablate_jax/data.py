@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ablate_jax.concepts import Concept
+from ablate_jax.concepts import Concept, misspellings, random_misspelling, replace_word, target_word
 
 FAR_PREFIXES = ("a far away ", "very small ")
 NEAR_PREFIXES = ("zoomed in ", "close up ")
@@ -88,6 +88,7 @@ class AnchorBatches:
         flip: bool = True,
         rescale: bool = True,
         with_keep: bool = False,
+        misspell: float = 0.0,
         process_index: int = 0,
         process_count: int = 1,
     ) -> None:
@@ -100,6 +101,11 @@ class AnchorBatches:
         self.source, self.concept, self.tokenize = source, concept, tokenize
         self.seed, self.global_batch, self.latent_factor = seed, global_batch, latent_factor
         self.flip, self.rescale, self.with_keep = flip, rescale, with_keep
+        # Robust ablation's augmentation: a fraction of target prompts misspell the target's word,
+        # never as the misspelling attack does (those variants stay unseen).
+        self.misspell = misspell
+        self.word = target_word(concept.targets, concept.anchor)
+        self.attack_variants = tuple(misspellings(self.word, extended=True).values())
         self.local_batch = global_batch // process_count
         self.offset = process_index * self.local_batch
 
@@ -120,10 +126,16 @@ class AnchorBatches:
         rng = np.random.default_rng([self.seed, 2, k])
         image, mask, prefix = augment(np.asarray(record["image"]), rng, flip=self.flip, rescale=self.rescale,
                                       latent_factor=self.latent_factor)
+        target = self.concept.target_prompt(prompt, k)
+        if self.misspell:
+            # A stream of its own, so turning this on leaves every other draw of the run unchanged.
+            mrng = np.random.default_rng([self.seed, 3, k])
+            if mrng.random() < self.misspell:
+                target = replace_word(target, self.word, random_misspelling(self.word, mrng, self.attack_variants))
         out = {
             "image": image,
             "mask": mask,
-            "target": prefix + self.concept.target_prompt(prompt, k),
+            "target": prefix + target,
             "anchor": prefix + prompt,
         }
         if self.with_keep:

@@ -12,12 +12,13 @@ evaluation of a run against its base model.
 (same prompts, same seeds), measures both and writes ``eval/report.json``, ``eval/report.md``
 and a before/after grid per set (rendering and the schema are in :mod:`ablate_jax.report`)::
 
-    python -m ablate_jax.evaluate --config=configs/xattn.py --workdir=runs/smiley [--base_only]
+    python -m ablate_jax.evaluate --config=configs/xattn.py --workdir=runs/smiley [--base_only] [--attacks]
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sys
 import time
@@ -31,9 +32,11 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from ablate_jax import cli, concepts, memorization, sharding, storage
+from ablate_jax import attacks, cli, concepts, memorization, sharding, storage
+from ablate_jax import config as config_lib
 from ablate_jax.clip_features import image_embeddings, text_embeddings
 from ablate_jax.config import Spec, eval_sampling, prepare
+from ablate_jax.config import attack_kinds as attack_kinds_of
 from ablate_jax.models.loading import CLIP, Pipeline, load_clip, load_pipeline
 from ablate_jax.report import before_after_grid, check_report, format_table, grid_filename, write_report
 from ablate_jax.text_to_image import SamplingConfig, draw
@@ -43,6 +46,8 @@ __all__ = [
     "EVAL_TEMPLATE", "EvalError", "check_report", "clip_accuracy", "clip_scores", "concept_text", "evaluate_run",
     "format_table", "kid", "set_key", "set_prompts", "write_report", "zero_shot",
 ]
+
+log = logging.getLogger(__name__)
 
 EVAL_TEMPLATE = "A photo depicts {}"
 
@@ -209,6 +214,40 @@ def _memorization_entry(method: str, threshold: float, sets: list[str],
     }
 
 
+def _attack_entries(spec: Spec, kinds: Sequence[str], pipeline: Pipeline, models: Mapping[str, Any],
+                    mesh: jax.sharding.Mesh, clip: CLIP, success: Any, n: int, batch: int, stage: Any,
+                    progress: bool) -> dict[str, Any]:
+    """Runs the attacks against every model, draws ``n`` images of each with held-out seeds and scores them."""
+    config = spec.config
+    t0 = time.perf_counter()
+    built = attacks.build(spec, kinds, pipeline, models, mesh)
+    cfg = eval_sampling(config)
+    bar = tqdm(total=len(built) * len(models) * n, desc="attacks", unit="img", disable=not progress)
+    out: dict[str, Any] = {}
+    try:
+        for name, per_model in built.items():
+            key = set_key(config.seed, f"attack/{name}")
+            images, emb, prompts = {}, {}, {}
+            for m, attack in per_model.items():
+                prompts[m] = [attack.prompts[j % len(attack.prompts)] for j in range(n)]
+                params = attack.params if attack.params is not None else models[m]
+                images[m] = _draw(pipeline, params, prompts[m], key, cfg, batch, mesh, bar)
+                emb[m] = image_embeddings(clip, images[m])
+            rate = {m: success(images[m], emb[m], emb["base"]) for m in per_model}
+            first = next(iter(per_model.values()))
+            out[name] = {"kind": first.kind, "n_images": n, "success_rate": _pair(rate["base"], rate.get("ablated")),
+                         "detail": {m: a.detail for m, a in per_model.items()},
+                         "prompt": prompts.get("ablated", prompts["base"])[0]}
+            if stage is not None:
+                grid = before_after_grid(images["base"], images.get("ablated"), prompts.get("ablated", prompts["base"]),
+                                         int(config.eval.grid_columns))
+                grid.save(stage / grid_filename(f"attack_{name}"))
+    finally:
+        bar.close()
+    log.info("attacks: %d run and scored in %.1f s", len(out), time.perf_counter() - t0)
+    return out
+
+
 def evaluate_run(
     spec: Spec | ml_collections.ConfigDict,
     workdir: str | os.PathLike | Workdir,
@@ -220,6 +259,7 @@ def evaluate_run(
     progress: bool = True,
     extra_sets: Sequence[concepts.EvalSet] = (),
     clip: CLIP | None = None,
+    attack_kinds: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Evaluates base against ablated parameters on every evaluation set; writes ``workdir/eval/``.
 
@@ -227,7 +267,8 @@ def evaluate_run(
     ``pipeline.params`` (``unet``, ``vae``, ``text_encoder``); required unless ``base_only``.
     ``pipeline`` and ``clip`` default to the spec's model and evaluator. The concept's sets include
     the misspellings of its target when ``eval.misspelling``; ``extra_sets`` are evaluated after
-    them (``eval.sets`` does not filter them). Returns the report (schema in :mod:`ablate_jax.report`);
+    them (``eval.sets`` does not filter them). ``attack_kinds`` (default: ``eval.attacks``) are then
+    run against every model and scored (:mod:`ablate_jax.attacks`). Returns the report (schema in :mod:`ablate_jax.report`);
     the files appear only once everything is measured, so a failed evaluation leaves the previous ones.
     """
     start = time.perf_counter()
@@ -247,8 +288,13 @@ def evaluate_run(
     # One compiled batch shape for every call, no larger than a set needs.
     batch = min(sharding.round_up(int(e.batch_size), n_dev), sharding.round_up(n, n_dev))
 
+    kinds = attack_kinds_of(config.eval.attacks) if attack_kinds is None else tuple(attack_kinds)
     phrase = spec.evaluator_family.evaluator_phrase
-    wanted = list(dict.fromkeys([concept.anchor, concept.targets[0], *(s.concept for s in sets)]))
+    target_concept = next((s.concept for s in concept.eval_sets if s.role == "target"), concept.targets[0])
+    # What an attack's image may be read as: the target, the anchor or one of the concept's neighbours.
+    readings = list(dict.fromkeys([target_concept, concept.anchor, *(
+        s.concept for s in concept.eval_sets if s.role in ("preserved", "surrounding"))]))
+    wanted = list(dict.fromkeys([concept.anchor, concept.targets[0], *readings, *(s.concept for s in sets)]))
     text = dict(zip(wanted, text_embeddings(clip, [concept_text(phrase(c)) for c in wanted]), strict=True))
 
     models = {"base": pipeline.params} if base_only else {"base": pipeline.params, "ablated": ablated_params}
@@ -298,6 +344,19 @@ def evaluate_run(
         }
         if memorizing:
             report["memorization"] = _memorization_entry(mem_method, mem_threshold, mem_sets, mem_sim)
+        if kinds:
+            classes = np.stack([text[c] for c in readings])
+
+            def success(images: np.ndarray, emb: np.ndarray, base_emb: np.ndarray) -> float:
+                # Memorized images are recognised by the memorization measure; a concept by the evaluator
+                # reading the image as the target rather than the anchor or any neighbour of the concept
+                # (a face that is a preserved frowny does not count as a smiley).
+                if memorizing:
+                    return float(np.mean(np.asarray(similarity(images, emb, base_emb)) > mem_threshold))
+                return float(np.mean(zero_shot(emb, classes) == 0))
+
+            report["attacks"] = _attack_entries(spec, kinds, pipeline, models, mesh, clip, success, n, batch, stage,
+                                                progress and write)
         report["timing_s"] = {"eval": time.perf_counter() - start}
         check_report(report)
         if stage is not None:
@@ -321,12 +380,16 @@ def _parse(argv: list[str]) -> tuple[ml_collections.ConfigDict, str, bool, bool]
     fv = cli.flag_values(argv, "the run's folder; results go to WORKDIR/eval/")
     flags.DEFINE_bool("base_only", False, "evaluate the pretrained model alone (needs no checkpoint)", flag_values=fv)
     flags.DEFINE_bool("progress", True, "show progress bars", flag_values=fv)
+    flags.DEFINE_bool("attacks", False, "also run the attacks: those eval.attacks names, or every one",
+                      flag_values=fv)
     config, workdir = cli.parse(fv, argv, EvalError)
+    if fv.attacks and not config.eval.attacks:
+        config_lib.override(config, "eval.attacks", "all")
     return config, workdir, fv.base_only, fv.progress
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m ablate_jax.evaluate --config=... --workdir=... [--base_only]``; returns the exit status."""
+    """``python -m ablate_jax.evaluate --config=... --workdir=... [--base_only] [--attacks]``; returns the exit status."""
     from ablate_jax import checkpointing, preflight  # noqa: PLC0415
 
     try:

@@ -6,7 +6,9 @@ All terms are mean squared errors over the valid (masked) part of the latent:
 - noise-based: the student under the target prompt regresses the true noise (or v);
 - prior preservation (``prior_weight``): the student under the anchor prompt regresses the true noise;
 - surrounding-concept preservation (``preserve_weight``): the student under a prompt naming a
-  concept to keep matches the frozen teacher under the same prompt.
+  concept to keep matches the frozen teacher under the same prompt;
+- adversarial (``adversarial_weight``, robust ablation): the ablation term again, for the
+  student under the target prompt with its words' embeddings perturbed to undo the ablation.
 
 Student passes that share their noisy latents go through one batched UNet call, and so do the
 teacher's; with ``teacher="online"`` the teacher is the student under stop-gradient, so its pass
@@ -33,14 +35,15 @@ class LossConfig:
     teacher: str = "frozen"
     prior_weight: float = 0.0
     preserve_weight: float = 0.0
+    adversarial_weight: float = 0.0
 
     def validate(self) -> None:
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
         if self.teacher not in TEACHERS:
             raise ValueError(f"teacher must be one of {', '.join(TEACHERS)}, got {self.teacher!r}")
-        if self.prior_weight < 0 or self.preserve_weight < 0:
-            raise ValueError("prior_weight and preserve.weight must be >= 0")
+        if self.prior_weight < 0 or self.preserve_weight < 0 or self.adversarial_weight < 0:
+            raise ValueError("prior_weight, preserve.weight and robust.weight must be >= 0")
         if self.preserve_weight > 0 and self.teacher != "frozen":
             # The online teacher is the student itself: the term would be identically zero.
             raise ValueError("surrounding-concept preservation needs teacher='frozen'")
@@ -79,7 +82,8 @@ def ablation_loss(
 
     ``contexts`` holds text-encoder states ``[B, L, D]``: ``student_target`` (always),
     ``anchor`` (model-based or prior), ``student_anchor`` (prior; may equal ``anchor``),
-    ``keep`` and ``student_keep`` (preservation). ``regress_target`` is the true noise (or v).
+    ``keep`` and ``student_keep`` (preservation), ``student_adversarial`` (the perturbed target
+    prompt, when ``adversarial_weight``). ``regress_target`` is the true noise (or v).
     """
     # One batched student call: the target pass, then whatever else shares these latents.
     student_ctx = [contexts["student_target"]]
@@ -90,6 +94,9 @@ def ablation_loss(
     if cfg.preserve_weight > 0:
         student_ctx.append(contexts["student_keep"])
         parts.append("keep")
+    if cfg.adversarial_weight > 0:
+        student_ctx.append(contexts["student_adversarial"])
+        parts.append("adversarial")
     online_teacher = cfg.loss == "model_based" and cfg.teacher == "online"
     if online_teacher:
         student_ctx.append(contexts["anchor"])
@@ -114,11 +121,12 @@ def ablation_loss(
         teacher_pred.update(zip(frozen_parts, jnp.split(jax.lax.stop_gradient(out), k), strict=True))
 
     terms: dict[str, jax.Array] = {}
-    if cfg.loss == "model_based":
-        terms["ablation"] = masked_mse(pred["target"], teacher_pred["anchor"], mask)
-    else:
-        terms["ablation"] = masked_mse(pred["target"], regress_target, mask)
+    ablation_target = teacher_pred["anchor"] if cfg.loss == "model_based" else regress_target
+    terms["ablation"] = masked_mse(pred["target"], ablation_target, mask)
     total = terms["ablation"]
+    if cfg.adversarial_weight > 0:
+        terms["adversarial"] = masked_mse(pred["adversarial"], ablation_target, mask)
+        total = total + cfg.adversarial_weight * terms["adversarial"]
     if cfg.prior_weight > 0:
         terms["prior"] = masked_mse(pred["prior"], regress_target, mask)
         total = total + cfg.prior_weight * terms["prior"]

@@ -11,6 +11,8 @@ The report (docs/design.md, "Evaluation") is a plain dict, built by :func:`ablat
                      "kid": f}},
      "memorization": {"method", "threshold", "sets", "n_images", "rate": {"base", "ablated"},
                       "similarity": {"base", "ablated"}},      # memorization concepts only
+     "attacks": {NAME: {"kind", "n_images", "success_rate": {"base", "ablated"},
+                        "detail": {"base", "ablated"}, "prompt"}},  # when attacks were run
      "timing_s": {"eval": f}}
 
 Every "ablated" value and "kid" are ``None`` in a base-only report. ``settings`` (how the images
@@ -32,6 +34,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from ablate_jax import storage
 from ablate_jax.concepts import ROLES
+from ablate_jax.config import ATTACKS as ATTACK_KINDS
 
 MODELS = ("base", "ablated")
 TARGET_ROLES = ("target", "target_paraphrase")
@@ -98,6 +101,18 @@ def check_report(report: Mapping[str, Any]) -> None:
                 raise ValueError(f"memorization has no {key!r}")
         _check_pair("memorization.rate", mem.get("rate"), base_only, unit=True)
         _check_pair("memorization.similarity", mem.get("similarity"), base_only, unit=False)
+    attacks = report.get("attacks")
+    if attacks is not None:
+        if not isinstance(attacks, Mapping) or not attacks:
+            raise ValueError("attacks must map attack names to their results")
+        for name, a in attacks.items():
+            if a.get("kind") not in ATTACK_KINDS:
+                raise ValueError(f"attacks.{name}.kind must be one of {', '.join(ATTACK_KINDS)}, got {a.get('kind')!r}")
+            if not isinstance(a.get("n_images"), int) or a["n_images"] < 1:
+                raise ValueError(f"attacks.{name}.n_images must be a positive int")
+            _check_pair(f"attacks.{name}.success_rate", a.get("success_rate"), base_only, unit=True)
+            if not isinstance(a.get("prompt"), str):
+                raise ValueError(f"attacks.{name}.prompt must be a string")
     timing = report["timing_s"]
     if not isinstance(timing, Mapping) or not all(isinstance(v, (int, float)) and v >= 0 for v in timing.values()):
         raise ValueError("timing_s must map phase names to non-negative seconds")
@@ -140,15 +155,30 @@ def _memorization_line(report: Mapping[str, Any]) -> str | None:
             f"memorized image ({detector} > {mem['threshold']:g}).")
 
 
-def format_table(report: Mapping[str, Any]) -> str:
-    """The report as an aligned plain-text table for a terminal (plus the memorization line)."""
-    header, rows = _rows(report)
+def _attack_rows(report: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
+    base_only = report["settings"]["base_only"]
+    what = "base" if base_only else "base -> ablated"
+    header = ["attack", "kind", f"success rate ({what})", "example prompt (ablated)"]
+    rows = [[name, a["kind"], _pair(a["success_rate"], ".2f", base_only), a["prompt"]]
+            for name, a in report.get("attacks", {}).items()]
+    return header, rows
+
+
+def _aligned(header: list[str], rows: list[list[str]]) -> list[str]:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in [header, *rows]]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    return lines
+
+
+def format_table(report: Mapping[str, Any]) -> str:
+    """The report as aligned plain-text tables for a terminal (sets, memorization line, attacks)."""
+    lines = _aligned(*_rows(report))
     mem = _memorization_line(report)
     if mem:
         lines.append(mem)
+    if report.get("attacks"):
+        lines += ["", *_aligned(*_attack_rows(report))]
     return "\n".join(lines)
 
 
@@ -177,6 +207,12 @@ def format_markdown(report: Mapping[str, Any]) -> str:
     mem = _memorization_line(report)
     if mem:
         lines += ["", _md_cell(mem)]
+    if report.get("attacks"):
+        header, rows = _attack_rows(report)
+        lines += ["", "Attacks (success rate: the fraction of images the evaluator reads as the target rather than the "
+                  "anchor or a neighbour, on seeds the attacks never saw):", "",
+                  "| " + " | ".join(_md_cell(h) for h in header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+        lines += ["| " + " | ".join(_md_cell(x) for x in row) + " |" for row in rows]
     lines += [
         "",
         'CLIP score: 2.5 * max(cos(image, "A photo depicts {concept}"), 0), averaged. CLIP accuracy: the fraction '
@@ -185,7 +221,8 @@ def format_markdown(report: Mapping[str, Any]) -> str:
         "KID: between the ablated and the base images' CLIP features, pairs of one seed left out of the cross "
         "term (0: unchanged; it can dip slightly below 0 by chance).",
         "",
-        "Grids: " + ", ".join(f"[{n}]({grid_filename(n)})" for n in report["sets"]) + ".",
+        "Grids: " + ", ".join(f"[{n}]({grid_filename(n)})" for n in report["sets"])
+        + "".join(f", [attack {n}]({grid_filename('attack_' + n)})" for n in report.get("attacks", {})) + ".",
         "",
         "Time: " + ", ".join(f"{k} {v:.1f} s" for k, v in report["timing_s"].items()) + ".",
         "",

@@ -58,8 +58,30 @@ class TrainError(RuntimeError):
 # ------------------------------------------------------------------------------------------------ step
 
 
+@dataclasses.dataclass(frozen=True)
+class Adversary:
+    """The inner loop of robust ablation (docs/attacks.md): the embedding rows it perturbs (the target
+    words' tokens), the bound of each row's perturbation relative to the row's norm, and its steps."""
+
+    rows: tuple[int, ...]
+    epsilon: float
+    steps: int
+
+
+def adversary_for(config: ml_collections.ConfigDict, pipeline: Pipeline, concept: Any) -> Adversary | None:
+    """The run's adversary, or None when ``robust.adversarial`` is off."""
+    r = config.robust
+    if not r.adversarial:
+        return None
+    rows = params_lib.target_token_ids(pipeline.tokenizer, concept.targets, concept.anchor)
+    if not rows:
+        raise TrainError(f"robust.adversarial: the target {concept.target!r} has no token of its own to perturb")
+    return Adversary(tuple(rows), float(r.epsilon), int(r.steps))
+
+
 def make_objective(pipeline: Pipeline, selection: params_lib.Selection, loss_cfg: losses.LossConfig, *,
-                   stop_sot_kv_grad: bool = True, remat: str = "none", encode_chunks: int = 1):
+                   stop_sot_kv_grad: bool = True, remat: str = "none", encode_chunks: int = 1,
+                   adversary: Adversary | None = None):
     """``objective(trainable, base, batch, key) -> (loss, terms)``: the loss of one batch, a pure function.
 
     ``batch``: ``image`` [B, H, W, 3] in [-1, 1], ``mask`` [B, h, w, 1], ``target_ids``,
@@ -68,8 +90,14 @@ def make_objective(pipeline: Pipeline, selection: params_lib.Selection, loss_cfg
     the images in ``encode_chunks`` sequential calls, each taking rows ``j, j + k, j + 2k, ...``
     (``k`` chunks): with the batch split over devices in contiguous blocks, every call then
     takes the same number of rows from every device, and no row moves between devices.
+
+    With an ``adversary`` (and ``loss_cfg.adversarial_weight``), projected gradient ascent on the
+    embeddings of the target's tokens finds, under the current parameters held fixed, the
+    perturbation of the target prompt that most increases the ablation term; the student under
+    that perturbed prompt is then trained towards the same target as under the plain one.
     """
     schedule = Schedule.from_config(pipeline.scheduler_config)
+    perturbed = params_lib.selection(pipeline.params, "embedding", adversary.rows) if adversary else None
     unet = pipeline.unet.clone(stop_sot_kv_grad=stop_sot_kv_grad, remat=remat)
     vae, text = pipeline.vae, pipeline.text_encoder
     scale = pipeline.vae_scaling_factor
@@ -127,7 +155,39 @@ def make_objective(pipeline: Pipeline, selection: params_lib.Selection, loss_cfg
         def teacher(x, tt, ctx):
             return unet.apply({"params": base["unet"]}, x, tt, ctx).astype(jnp.float32)
 
+        if adversary is not None and loss_cfg.adversarial_weight > 0:
+            goal = regress if loss_cfg.loss == "noise_based" else jax.lax.stop_gradient(
+                teacher(x_t, t, base_states["anchor"]))
+            contexts["student_adversarial"] = adversarial_states(
+                student_params, batch["target_ids"], x_t, t, goal, mask, jax.random.fold_in(key, 1))
         return losses.ablation_loss(student, teacher, x_t, t, contexts, regress, mask, loss_cfg)
+
+    def adversarial_states(params, ids, x_t, t, goal, mask, key):
+        """The target prompt's states with its tokens' embeddings moved (within the bound) to undo the ablation."""
+        assert perturbed is not None and adversary is not None
+        ((name, rows),) = perturbed.split(params).items()
+        rows = rows.astype(jnp.float32)
+        radius = adversary.epsilon * jnp.linalg.norm(rows, axis=-1, keepdims=True)
+        fixed = jax.lax.stop_gradient(params)
+
+        def project(delta):
+            norm = jnp.linalg.norm(delta, axis=-1, keepdims=True)
+            return delta * jnp.minimum(1.0, radius / jnp.maximum(norm, 1e-12))
+
+        def strayed(delta):
+            p = perturbed.merge(fixed, {name: jax.lax.stop_gradient(rows) + delta})
+            pred = unet.apply({"params": p["unet"]}, x_t, t, encode_text(p["text_encoder"], ids))
+            return losses.masked_mse(pred.astype(jnp.float32), goal, mask)
+
+        delta = project(jax.random.normal(key, rows.shape, jnp.float32) * radius / jnp.sqrt(rows.shape[-1]))
+        for _ in range(adversary.steps):  # a few steps, unrolled
+            g = jax.grad(strayed)(delta)
+            g = g / jnp.maximum(jnp.linalg.norm(g, axis=-1, keepdims=True), 1e-12)
+            delta = project(delta + 2.5 * radius / adversary.steps * g)
+        delta = jax.lax.stop_gradient(delta)
+        # The trained parameters enter here (not the fixed copy), so the outer step learns to undo the perturbation.
+        p = perturbed.merge(params, {name: rows + delta})
+        return encode_text(p["text_encoder"], ids)
 
     return objective
 
@@ -140,14 +200,14 @@ def encode_chunks_for(requested: int, rows_per_device: int) -> int:
 
 def make_train_step(pipeline: Pipeline, selection: params_lib.Selection, loss_cfg: losses.LossConfig,
                     tx: optax.GradientTransformation, *, seed: int, stop_sot_kv_grad: bool = True,
-                    remat: str = "none", encode_chunks: int = 1):
+                    remat: str = "none", encode_chunks: int = 1, adversary: Adversary | None = None):
     """``step(state, base, batch) -> (state, metrics)``, a pure function ready to jit.
 
     Randomness (VAE posterior sample, timesteps, noise) comes from ``fold_in(seed, step)``, drawn
     for the whole global batch, so a resumed run draws exactly what an uninterrupted one would.
     """
     objective = make_objective(pipeline, selection, loss_cfg, stop_sot_kv_grad=stop_sot_kv_grad, remat=remat,
-                               encode_chunks=encode_chunks)
+                               encode_chunks=encode_chunks, adversary=adversary)
     root = jax.random.key(seed)
 
     def step(state, base, batch):
@@ -172,14 +232,15 @@ PROBE_STREAM = 0x70726F62  # "prob" in ASCII
 
 @functools.lru_cache(maxsize=8)
 def compiled_probe(pipeline: Pipeline, selection: params_lib.Selection, loss_cfg: losses.LossConfig, seed: int,
-                   stop_sot_kv_grad: bool, remat: str, mesh: jax.sharding.Mesh, encode_chunks: int = 1):
+                   stop_sot_kv_grad: bool, remat: str, mesh: jax.sharding.Mesh, encode_chunks: int = 1,
+                   adversary: Adversary | None = None):
     """``probe(trainable, base, batch) -> (loss, all_finite)``: the objective of fixed draws, jitted.
 
     Measured on the parameters about to be saved, it is what stands between a diverging update
     and a checkpoint (see :func:`train`).
     """
     objective = make_objective(pipeline, selection, loss_cfg, stop_sot_kv_grad=stop_sot_kv_grad, remat=remat,
-                               encode_chunks=encode_chunks)
+                               encode_chunks=encode_chunks, adversary=adversary)
     key = jax.random.fold_in(jax.random.key(seed), PROBE_STREAM)
 
     def probe(trainable, base, batch):
@@ -193,7 +254,7 @@ def compiled_probe(pipeline: Pipeline, selection: params_lib.Selection, loss_cfg
 @functools.lru_cache(maxsize=8)
 def compiled_train_step(pipeline: Pipeline, selection: params_lib.Selection, loss_cfg: losses.LossConfig,
                         clip_norm: float, seed: int, stop_sot_kv_grad: bool, mesh: jax.sharding.Mesh,
-                        remat: str = "none", encode_chunks: int = 1):
+                        remat: str = "none", encode_chunks: int = 1, adversary: Adversary | None = None):
     """The jitted train step, shared by runs in one process that use the same pipeline object and settings.
 
     The learning rate and weight decay are read from the train state (``params.optimizer``), so
@@ -205,7 +266,7 @@ def compiled_train_step(pipeline: Pipeline, selection: params_lib.Selection, los
     state_sharding, base_sharding = state_shardings(pipeline, selection, tx, mesh)
     return jax.jit(
         make_train_step(pipeline, selection, loss_cfg, tx, seed=seed, stop_sot_kv_grad=stop_sot_kv_grad, remat=remat,
-                        encode_chunks=encode_chunks),
+                        encode_chunks=encode_chunks, adversary=adversary),
         in_shardings=(state_sharding, base_sharding, sharding.batch_sharded(mesh)),
         out_shardings=(state_sharding, sharding.replicated(mesh)),
         donate_argnums=(0,),
@@ -284,13 +345,14 @@ def train(ctx: RunContext, *, progress: bool = True) -> dict[str, Any]:
     data = AnchorBatches(
         anchor_store.open_anchors(ctx.workdir.path), concept, lambda p: text_to_image.tokenize(pipeline, p),
         seed=config.seed, global_batch=t.batch_size, latent_factor=pipeline.vae_downsample,
-        flip=t.flip, rescale=t.rescale, with_keep=loss_cfg.needs_keep,
+        flip=t.flip, rescale=t.rescale, with_keep=loss_cfg.needs_keep, misspell=float(config.robust.misspell),
         process_index=jax.process_index(), process_count=jax.process_count(),
     )
+    adversary = adversary_for(config, pipeline, concept)
     step_fn = compiled_train_step(pipeline, selection, loss_cfg, t.clip_norm, config.seed, config.stop_sot_kv_grad,
-                                  mesh, t.remat, chunks)
+                                  mesh, t.remat, chunks, adversary)
     probe_fn = compiled_probe(pipeline, selection, loss_cfg, config.seed, config.stop_sot_kv_grad, t.remat, mesh,
-                              chunks)
+                              chunks, adversary)
     writer = metric_writers.create_default_writer(
         os.fspath(ctx.workdir.path / "logs"), just_logging=jax.process_index() > 0 or not t.tensorboard)
     log.info("training %s (%s scalars) for %d steps, global batch %d on %d devices%s",

@@ -12,8 +12,8 @@ from ablate_jax import config as config_lib
 from ablate_jax.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ("xattn", "attn", "embedding", "full")
-FILE_PARAMS = {"xattn": "xattn_kv", "attn": "attn", "embedding": "embedding", "full": "full"}
+CONFIGS = ("xattn", "attn", "embedding", "full", "robust")
+FILE_PARAMS = {"xattn": "xattn_kv", "attn": "attn", "embedding": "embedding", "full": "full", "robust": "xattn_kv"}
 
 # What each family and group must resolve to, written out rather than read from the module.
 SCHEDULE = {
@@ -189,3 +189,13 @@ def test_the_arg_string_and_flags_take_lists_alike():
     by_flag = _from_flags("xattn", [], [("preserve.concepts", "frowny;winky")])
     by_literal = _from_flags("xattn", [], [("preserve.concepts", "('frowny', 'winky')")])
     assert by_arg.preserve.concepts == by_flag.preserve.concepts == by_literal.preserve.concepts == ("frowny", "winky")
+
+
+def test_robust_settings_enter_the_training_identity_only_when_used():
+    plain = config_lib.fingerprint(_load("xattn").get_config(), *config_lib.TRAIN_KEYS)
+    assert "robust" not in plain["fields"]
+    robust = config_lib.fingerprint(_load("robust").get_config(), *config_lib.TRAIN_KEYS)
+    assert robust["fields"]["robust"]["adversarial"] is True and robust["hash"] != plain["hash"]
+    misspelled = config_lib.fingerprint(_load("xattn").get_config("robust.misspell=0.25"), *config_lib.TRAIN_KEYS)
+    assert misspelled["fields"]["robust"]["misspell"] == 0.25
+

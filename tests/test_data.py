@@ -85,3 +85,20 @@ def test_rescale_masks_the_canvas_and_flip_mirrors():
     flips = [augment(image, np.random.default_rng(s), flip=True, rescale=False, latent_factor=4)[0] for s in range(8)]
     mirrored = [np.allclose(f, (image / 127.5 - 1)[:, ::-1], atol=1e-6) for f in flips]
     assert any(mirrored) and not all(mirrored)
+
+
+def test_misspelling_augmentation_changes_only_the_target_word_and_never_as_the_attack_does():
+    plain, mixed = _batches(), _batches(misspell=0.5)
+    attack_variants = set(concepts.misspellings("grumpy", extended=True).values())
+    changed = 0
+    for k in range(200):
+        a, b = plain.example(k), mixed.example(k)
+        assert np.array_equal(a["image"], b["image"]) and np.array_equal(a["mask"], b["mask"])
+        assert (a["anchor"], a["keep"]) == (b["anchor"], b["keep"])  # every other draw is the run's own
+        if a["target"] != b["target"]:
+            changed += 1
+            wrong = b["target"].split()[b["target"].split().index("cat") - 1]
+            assert "grumpy" in a["target"] and wrong != "grumpy" and wrong not in attack_variants
+            assert b["target"] == a["target"].replace("grumpy", wrong)
+    # Half the examples, of which those naming "sad cat" (the second target) have no "grumpy" to change.
+    assert 30 <= changed <= 70

@@ -100,3 +100,17 @@ def test_invalid_loss_configs_are_refused():
         LossConfig("kl").validate()
     with pytest.raises(ValueError, match="teacher must be one of"):
         LossConfig(teacher="ema").validate()
+
+
+def test_the_adversarial_term_is_the_ablation_term_under_its_own_context():
+    x, t, ctx, noise = _inputs()
+    student, teacher = _denoiser(2.0), _denoiser(0.5)
+    mask = jnp.ones((3, 4, 4, 1))
+    adversarial = ctx["keep"] * 3.0
+    for loss in ("model_based", "noise_based"):
+        cfg = LossConfig(loss=loss, adversarial_weight=0.7)
+        total, terms = ablation_loss(student, teacher, x, t, {**_contexts(ctx), "student_adversarial": adversarial},
+                                     noise, mask, cfg)
+        goal = teacher(x, t, ctx["anchor"]) if loss == "model_based" else noise
+        np.testing.assert_allclose(terms["adversarial"], masked_mse(student(x, t, adversarial), goal, mask), rtol=1e-6)
+        np.testing.assert_allclose(total, terms["ablation"] + 0.7 * terms["adversarial"], rtol=1e-6)

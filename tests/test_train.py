@@ -277,3 +277,25 @@ def test_a_run_builds_its_concept_once_guards_its_workdir_once_and_restores_once
     assert list(report["sets"]) == ["smiley"] and (workdir / "export" / "delta.safetensors").exists()
     assert report["anchors"]["skipped"] and report["train"]["steps"] == 8
     assert calls == {"concept": 1, "guard": 1, "restore": 1}, calls
+
+
+def test_the_adversary_finds_a_prompt_the_ablation_term_is_worse_on_and_stays_within_its_bound(toy_pipe):
+    # Gradient ascent on the target word's embedding: the term under the perturbed prompt exceeds the
+    # plain one; with a vanishing bound the two agree.
+    from ablate_jax import losses
+    from ablate_jax import params as params_lib
+    from ablate_jax.text_to_image import tokenize
+
+    rng = np.random.default_rng(0)
+    batch = {"image": rng.uniform(-1, 1, (8, 32, 32, 3)).astype(np.float32), "mask": np.ones((8, 8, 8, 1), np.float32),
+             "target_ids": tokenize(toy_pipe, ["a red smiley"] * 8), "anchor_ids": tokenize(toy_pipe, ["a red circle"] * 8)}
+    sel = params_lib.selection(toy_pipe.params, "xattn_kv")
+    cfg = losses.LossConfig(loss="model_based", adversarial_weight=1.0)
+    rows = tuple(params_lib.target_token_ids(toy_pipe.tokenizer, ("smiley",), "circle"))
+    terms = {}
+    for epsilon in (1e-6, 0.5):
+        objective = train.make_objective(toy_pipe, sel, cfg, adversary=train.Adversary(rows, epsilon, 3))
+        _, terms[epsilon] = jax.jit(objective)(sel.split(toy_pipe.params), toy_pipe.params, batch, jax.random.key(0))
+    assert float(terms[1e-6]["adversarial"]) == pytest.approx(float(terms[1e-6]["ablation"]), rel=1e-3)
+    assert float(terms[0.5]["adversarial"]) > 1.5 * float(terms[0.5]["ablation"])
+    assert float(terms[0.5]["ablation"]) == pytest.approx(float(terms[1e-6]["ablation"]), rel=1e-6)
