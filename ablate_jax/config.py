@@ -86,7 +86,7 @@ def base_config() -> ml_collections.ConfigDict:
     # target word gets one random letter changed (never one of the attacks' own variants).
     c.robust = ml_collections.ConfigDict()
     c.robust.adversarial = False
-    c.robust.epsilon = 0.5
+    c.robust.epsilon = 1.0
     c.robust.steps = 3
     c.robust.weight = 1.0
     c.robust.misspell = 0.0

@@ -1,10 +1,9 @@
 """Robust ablation: cross-attention keys and values, trained against an adversary, every attack measured.
 
 Each train step first finds, by three steps of projected gradient ascent, the perturbation of the
-target word's embedding (within half its norm) under which the model strays furthest from the
-anchor, and trains the ablation there too; half the target prompts misspell the target's word
-(never as the misspelling attack does). Evaluation runs every attack against the base and the
-ablated model (docs/attacks.md).
+target word's embedding (within its own norm) under which the model strays furthest from the
+anchor, and trains the ablation there too. Evaluation runs every attack against the base and the
+ablated model (docs/attacks.md). ``robust.misspell`` adds misspelled target prompts to training.
 
     python -m ablate_jax.train --config=configs/robust.py
 """
@@ -16,6 +15,5 @@ def get_config(arg: str | None = None):
     c = base_config()
     c.params = "xattn_kv"
     c.robust.adversarial = True
-    c.robust.misspell = 0.5
     c.eval.attacks = "all"
     return finalize(c, arg)
