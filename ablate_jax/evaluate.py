@@ -239,8 +239,10 @@ def _attack_entries(spec: Spec, kinds: Sequence[str], pipeline: Pipeline, models
                          "detail": {m: a.detail for m, a in per_model.items()},
                          "prompt": prompts.get("ablated", prompts["base"])[0]}
             if stage is not None:
-                grid = before_after_grid(images["base"], images.get("ablated"), prompts.get("ablated", prompts["base"]),
-                                         int(config.eval.grid_columns))
+                # A search finds its own prompt against each model: then a row names both.
+                captions = [pb if pb == pa else f"base: {pb} | ablated: {pa}"
+                            for pb, pa in zip(prompts["base"], prompts.get("ablated", prompts["base"]), strict=True)]
+                grid = before_after_grid(images["base"], images.get("ablated"), captions, int(config.eval.grid_columns))
                 grid.save(stage / grid_filename(f"attack_{name}"))
     finally:
         bar.close()
