@@ -64,7 +64,7 @@ from ablate_jax import config as config_lib
 from ablate_jax import params as params_lib
 from ablate_jax.models import loading
 from ablate_jax.models.convert import ConversionError, flax_path_to_torch_key, flax_to_torch, torch_to_flax
-from ablate_jax.workdir import EXPORT_RECORD, Workdir, differences, foreign, open_workdir
+from ablate_jax.workdir import EXPORT_RECORD, Workdir, open_workdir
 
 log = logging.getLogger("ablate_jax")
 
@@ -72,7 +72,6 @@ EXPORT_DIR = "export"
 PIPELINE_DIR = "pipeline"
 DELTA_FILE = "delta.safetensors"
 RECORD_FILE = EXPORT_RECORD
-EXPORT_WAY_OUT = "replace it with --overwrite (python -m ablate_jax.export) or --config.export.overwrite=true"
 DELTA_MARKER = "ablate_jax.delta"  # metadata key whose presence marks our delta files; value: format version
 DELTA_VERSION = "2"
 ROWS = "@rows"  # suffix of a delta tensor holding some rows of a base matrix ...
@@ -479,7 +478,7 @@ def export_run(spec: config_lib.Spec | ml_collections.ConfigDict, workdir: str |
             log.info("already exported: %s (step %s, config %s)", final, step, fingerprint["hash"])
             return final
         if not overwrite:
-            raise _exists_error(final, existing, fingerprint, step)
+            raise ExportError(str(wd.export_refusal(existing, step)))
 
     if pipeline is None:
         pipeline = loading.load_pipeline(spec.model_path)
@@ -497,7 +496,7 @@ def export_run(spec: config_lib.Spec | ml_collections.ConfigDict, workdir: str |
         log.info("already exported: %s (step %s, config %s)", final, step, fingerprint["hash"])
         return final
     if final.exists() and not overwrite:
-        raise _exists_error(final, existing, fingerprint, step)
+        raise ExportError(str(wd.export_refusal(existing, step)))
 
     # One writer; the other processes only took part in gathering the trained values, and wait
     # (even when the writer fails) so that none returns before the export is in place.
@@ -517,18 +516,6 @@ def export_run(spec: config_lib.Spec | ml_collections.ConfigDict, workdir: str |
     finally:
         distributed.barrier("ablate_jax_export")
     return final
-
-
-def _exists_error(final: Path, existing: Mapping[str, Any] | None, fingerprint: Mapping[str, Any],
-                  step: int | None) -> ExportError:
-    if existing is None:
-        diffs = ["no readable export.json"]
-    else:
-        diffs = differences(existing.get("config", {}), fingerprint["fields"])
-        if existing.get("checkpoint_step") != step:
-            diffs.append(f"checkpoint step: {existing.get('checkpoint_step')} -> {step}")
-        diffs = diffs or ["its trained values"]
-    return ExportError(str(foreign(final, "an export", diffs, EXPORT_WAY_OUT)))
 
 
 def _same_run(record: Mapping[str, Any], config_hash: str, step: int | None, trained_hash: str | None) -> bool:

@@ -28,6 +28,8 @@ ANCHORS, CHECKPOINTS, EVAL, EXPORT = "anchors", "checkpoints", "eval", "export"
 RUN_FILE = "run.json"  # the identity record of anchors/ and checkpoints/
 EXPORT_RECORD = "export.json"
 TMP_DIR = "tmp"  # anchors/tmp: shards being written, never read
+_ANY_STEP = object()  # export_refusal without a step to compare
+EXPORT_WAY_OUT = "replace it with --overwrite (python -m ablate_jax.export) or --config.export.overwrite=true"
 
 
 class WorkdirError(ValueError):
@@ -163,17 +165,26 @@ class Workdir:
         except (OSError, ValueError):
             return None
 
+    def export_refusal(self, record: Mapping[str, Any] | None, step: Any = _ANY_STEP) -> WorkdirError:
+        """The refusal of an export that is not this run's: its record differs in the training identity
+        or, when ``step`` (a checkpoint step, or None for none) is given, in the checkpoint step (else in
+        the trained values)."""
+        if record is None:
+            diffs = ["no readable export.json"]
+        else:
+            diffs = differences(record.get("config", {}), self.train_identity["fields"])
+            if step is not _ANY_STEP and record.get("checkpoint_step") != step:
+                diffs.append(f"checkpoint step: {record.get('checkpoint_step')} -> {step}")
+            diffs = diffs or ["its trained values"]
+        return foreign(self.path / EXPORT, "an export", diffs, EXPORT_WAY_OUT)
+
     def check_export(self) -> None:
         """An export of another run is refused (unless ``export.overwrite``)."""
-        out = self.path / EXPORT
-        if self.spec.config.export.overwrite or not out.exists():
+        if self.spec.config.export.overwrite or not (self.path / EXPORT).exists():
             return
         record = self.export_record()
-        ours = self.train_identity
-        if record is None or record.get("config_hash") != ours["hash"]:
-            diffs = differences(record.get("config", {}), ours["fields"]) if record else ["no readable export.json"]
-            raise foreign(out, "an export", diffs, "replace it with --overwrite (python -m ablate_jax.export) or "
-                                                   "--config.export.overwrite=true")
+        if record is None or record.get("config_hash") != self.train_identity["hash"]:
+            raise self.export_refusal(record)
 
     def guard(self, stages: Sequence[str]) -> None:
         """Every record the ``stages`` would reuse belongs to this run; nothing is written."""
