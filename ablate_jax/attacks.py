@@ -137,7 +137,9 @@ def target_images(spec: config_lib.Spec, pipeline: Pipeline, mesh: jax.sharding.
     usable = concept.usable_anchor_prompts()
     prompts = tuple(concept.target_prompt(usable[i % len(usable)], i) for i in range(n))
     key = jax.random.fold_in(jax.random.key(config.seed), ATTACK_STREAM)
-    batch = min(sharding.round_up(64, mesh.devices.size), sharding.round_up(n, mesh.devices.size))
+    # The evaluation's batch rule: one compiled shape, no larger than the draw needs.
+    batch = min(sharding.round_up(int(config.eval.batch_size), mesh.devices.size),
+                sharding.round_up(n, mesh.devices.size))
     images = text_to_image.draw(pipeline, pipeline.params, list(prompts), key, config_lib.anchor_sampling(config),
                                 batch_size=batch, mesh=mesh)
     return TargetImages(prompts, np.asarray(_encode(pipeline)(pipeline.params["vae"], images)))
@@ -178,6 +180,27 @@ def _draws(key: jax.Array, pipeline: Pipeline, z0: np.ndarray) -> tuple[jax.Arra
     return t, jax.random.normal(k_n, z0.shape, jnp.float32)
 
 
+@functools.lru_cache(maxsize=4)
+def _inversion_step(pipeline: Pipeline, selection: params_lib.Selection, learning_rate: float):
+    """``(tx, step)``: one Adam step on the selected embedding row against the model given as an argument,
+    compiled once for every model attacked."""
+    losses = _denoising_losses(pipeline)
+    tx = optax.adam(learning_rate)
+
+    @jax.jit
+    def step(trainable, opt_state, params, ids, z0, key):
+        t, noise = _draws(key, pipeline, z0)
+
+        def loss(tr):
+            return losses(selection.merge(params, tr), ids, z0, t, noise).mean()
+
+        value, grads = jax.value_and_grad(loss)(trainable)
+        updates, opt_state = tx.update(grads, opt_state, trainable)
+        return optax.apply_updates(trainable, updates), opt_state, value
+
+    return tx, step
+
+
 def embedding_attack(spec: config_lib.Spec, pipeline: Pipeline, params: Mapping[str, Any],
                      images: TargetImages) -> Attack:
     """Textual inversion against ``params``: one token's embedding learned on ``images``; see the module doc."""
@@ -192,32 +215,18 @@ def embedding_attack(spec: config_lib.Spec, pipeline: Pipeline, params: Mapping[
     placeholder = candidates[-1]
     (token,) = _ids(tok, placeholder)
     selection = params_lib.selection(params, "embedding", [token])
-    start = selection.split(params)
-    # Start from the anchor's embedding: what the token learns is the attack's work, not the target word's.
-    anchor_ids = [i for i in _ids(tok, concept.anchor)]
-    table = params_lib.flatten(params)[next(iter(start)).removesuffix(params_lib.ROWS_SUFFIX)]
-    trainable = {k: jnp.asarray(table)[np.asarray(anchor_ids[:1])] for k in start}
+    # Start from the anchor's embedding (its first token's row, under the same flat key as the
+    # token's): what the token learns is the attack's work, not the target word's.
+    trainable = params_lib.selection(params, "embedding", _ids(tok, concept.anchor)[:1]).split(params)
     fit_prompts = [concepts.replace_word(p, word, placeholder) for p in images.prompts]
     ids = jnp.asarray(text_to_image.tokenize(pipeline, fit_prompts))
-    losses = _denoising_losses(pipeline)
-    tx = optax.adam(float(a.embedding_learning_rate))
-
-    @jax.jit
-    def step(trainable, opt_state, key):
-        t, noise = _draws(key, pipeline, images.latents)
-
-        def loss(tr):
-            return losses(selection.merge(params, tr), ids, images.latents, t, noise).mean()
-
-        value, grads = jax.value_and_grad(loss)(trainable)
-        updates, opt_state = tx.update(grads, opt_state, trainable)
-        return optax.apply_updates(trainable, updates), opt_state, value
-
+    tx, step = _inversion_step(pipeline, selection, float(a.embedding_learning_rate))
     opt_state = tx.init(trainable)
     root = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), ATTACK_STREAM), 1)
     value = jnp.nan
     for i in range(int(a.embedding_steps)):
-        trainable, opt_state, value = step(trainable, opt_state, jax.random.fold_in(root, i))
+        trainable, opt_state, value = step(trainable, opt_state, params, ids, images.latents,
+                                           jax.random.fold_in(root, i))
     attacked = selection.merge(params, trainable)
     prompts = tuple(concepts.replace_word(p, word, placeholder) for p in _target_set(concept).prompts)
     return Attack("embedding", "embedding", prompts, attacked,
