@@ -43,7 +43,7 @@ from ablate_jax import (
 )
 from ablate_jax import config as config_lib
 from ablate_jax import params as params_lib
-from ablate_jax.concepts import ConceptError
+from ablate_jax.concepts import Concept, ConceptError
 from ablate_jax.data import AnchorBatches
 from ablate_jax.models.loading import ModelLoadError, Pipeline, load_pipeline
 from ablate_jax.schedule import Schedule, add_noise, target
@@ -68,7 +68,7 @@ class Adversary:
     steps: int
 
 
-def adversary_for(config: ml_collections.ConfigDict, pipeline: Pipeline, concept: Any) -> Adversary | None:
+def adversary_for(config: ml_collections.ConfigDict, pipeline: Pipeline, concept: Concept) -> Adversary | None:
     """The run's adversary, or None when ``robust.adversarial`` is off."""
     r = config.robust
     if not r.adversarial:

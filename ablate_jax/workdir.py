@@ -108,9 +108,6 @@ class Workdir:
     path: storage.AnyPath
     spec: config_lib.Spec
 
-    def __truediv__(self, name: str) -> storage.AnyPath:
-        return self.path / name
-
     def __fspath__(self) -> str:
         return os.fspath(self.path)
 

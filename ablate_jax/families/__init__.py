@@ -91,10 +91,6 @@ class Family:
             return None
         return self.preserve_weights.get(loss)
 
-    def locate(self, model: str, component: str = "pipeline") -> str:
-        """A folder for ``model``: a named model of this family (``"toy"``) becomes its folder; anything else is kept."""
-        return self.named(model, component) or model
-
 
 @functools.cache
 def _modules() -> tuple[object, ...]:
