@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from ablate_jax import storage
-from ablate_jax.workdir import ANCHORS, RUN_FILE, TMP_DIR
+from ablate_jax.workdir import ANCHORS, RUN_FILE, TMP_DIR, read_record
 
 __all__ = ["AnchorError", "AnchorSource", "ShardPlan", "anchors_dir", "finalize", "open_anchors", "read_run",
            "remove_stale", "shard_name", "write_json", "write_shard"]
@@ -80,14 +80,8 @@ class ShardPlan:
 
 
 def read_run(out: Path) -> dict[str, Any] | None:
-    """The set's ``run.json`` (None when absent)."""
-    path = out / RUN_FILE
-    if not path.exists():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise AnchorError(f"{path} is unreadable ({type(e).__name__}); delete {out} to start over") from e
+    """The set's ``run.json`` (None when absent), read as the workdir guard reads it."""
+    return read_record(out / RUN_FILE, "an anchor run")
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

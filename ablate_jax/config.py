@@ -359,7 +359,6 @@ def prepare(config: ml_collections.ConfigDict | Spec) -> Spec:
     :data:`RESOLVED_KEYS` filled, all checked. A spec comes back as it is; the input is never modified."""
     if isinstance(config, Spec):
         return config
-    _check_choices(config)
     family = families.detect(config.model)
     concept = concept_from_config(config, family)
     notes = resolution(config, family, concept) if not is_resolved(config) else Resolution(family.name, {})
