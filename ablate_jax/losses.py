@@ -77,8 +77,12 @@ def ablation_loss(
     regress_target: jax.Array,
     mask: jax.Array,
     cfg: LossConfig,
+    teacher_anchor: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The total loss and its terms.
+
+    ``teacher_anchor``: the frozen teacher's prediction under the anchor prompt, when the caller
+    already has it (robust ablation's adversary needs it first); it is then not computed again.
 
     ``contexts`` holds text-encoder states ``[B, L, D]``: ``student_target`` (always),
     ``anchor`` (model-based or prior), ``student_anchor`` (prior; may equal ``anchor``),
@@ -109,7 +113,9 @@ def ablation_loss(
     if online_teacher:
         teacher_pred["anchor"] = jax.lax.stop_gradient(pred.pop("online_teacher"))
     frozen_parts, frozen_ctx = [], []
-    if cfg.loss == "model_based" and cfg.teacher == "frozen":
+    if cfg.loss == "model_based" and cfg.teacher == "frozen" and teacher_anchor is not None:
+        teacher_pred["anchor"] = jax.lax.stop_gradient(teacher_anchor)
+    elif cfg.loss == "model_based" and cfg.teacher == "frozen":
         frozen_parts.append("anchor")
         frozen_ctx.append(contexts["anchor"])
     if cfg.preserve_weight > 0:

@@ -155,12 +155,16 @@ def make_objective(pipeline: Pipeline, selection: params_lib.Selection, loss_cfg
         def teacher(x, tt, ctx):
             return unet.apply({"params": base["unet"]}, x, tt, ctx).astype(jnp.float32)
 
+        teacher_anchor = None
         if adversary is not None and loss_cfg.adversarial_weight > 0:
-            goal = regress if loss_cfg.loss == "noise_based" else jax.lax.stop_gradient(
-                teacher(x_t, t, base_states["anchor"]))
+            goal = regress
+            if loss_cfg.loss == "model_based":
+                goal = jax.lax.stop_gradient(teacher(x_t, t, base_states["anchor"]))
+                # The frozen teacher's anchor pass, already made, serves the loss as well.
+                teacher_anchor = goal if loss_cfg.teacher == "frozen" else None
             contexts["student_adversarial"] = adversarial_states(
                 student_params, batch["target_ids"], x_t, t, goal, mask, jax.random.fold_in(key, 1))
-        return losses.ablation_loss(student, teacher, x_t, t, contexts, regress, mask, loss_cfg)
+        return losses.ablation_loss(student, teacher, x_t, t, contexts, regress, mask, loss_cfg, teacher_anchor)
 
     def adversarial_states(params, ids, x_t, t, goal, mask, key):
         """The target prompt's states with its tokens' embeddings moved (within the bound) to undo the ablation."""

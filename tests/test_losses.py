@@ -114,3 +114,21 @@ def test_the_adversarial_term_is_the_ablation_term_under_its_own_context():
         goal = teacher(x, t, ctx["anchor"]) if loss == "model_based" else noise
         np.testing.assert_allclose(terms["adversarial"], masked_mse(student(x, t, adversarial), goal, mask), rtol=1e-6)
         np.testing.assert_allclose(total, terms["ablation"] + 0.7 * terms["adversarial"], rtol=1e-6)
+
+
+def test_a_teacher_anchor_prediction_given_is_used_and_not_computed_again():
+    x, t, ctx, noise = _inputs()
+    teacher, mask = _denoiser(0.5), jnp.ones((3, 4, 4, 1))
+    calls = []
+
+    def counting(x, t, c):
+        calls.append(x.shape[0])
+        return teacher(x, t, c)
+
+    cfg = LossConfig("model_based", "frozen", preserve_weight=1.0)
+    _, plain = ablation_loss(_denoiser(1.0), teacher, x, t, _contexts(ctx), noise, mask, cfg)
+    _, given = ablation_loss(_denoiser(1.0), counting, x, t, _contexts(ctx), noise, mask, cfg,
+                             teacher_anchor=teacher(x, t, ctx["anchor"]))
+    assert calls == [3]  # the kept concept's pass only
+    for k in plain:
+        np.testing.assert_allclose(given[k], plain[k], rtol=1e-6)
