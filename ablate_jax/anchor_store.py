@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from ablate_jax import storage
-from ablate_jax.workdir import ANCHORS, RUN_FILE, TMP_DIR, read_record
+from ablate_jax.workdir import ANCHORS, RUN_FILE, TMP_DIR, Workdir, read_record
 
 __all__ = ["AnchorError", "AnchorSource", "ShardPlan", "anchors_dir", "finalize", "open_anchors", "read_run",
            "remove_stale", "shard_name", "write_json", "write_shard"]
@@ -303,9 +303,10 @@ def _open(out: Path) -> AnchorSource:
     return AnchorSource(tfds.builder_from_directory(os.fspath(out)).as_data_source(SPLIT), out)
 
 
-def open_anchors(workdir: str | os.PathLike) -> AnchorSource:
-    """The finished anchor set of ``workdir`` as a random-access source (see :class:`AnchorSource`)."""
-    out = anchors_dir(workdir)
+def open_anchors(workdir: str | os.PathLike | Workdir) -> AnchorSource:
+    """The finished anchor set of a run as a random-access source (see :class:`AnchorSource`): its
+    :attr:`Workdir.anchors_path <ablate_jax.workdir.Workdir.anchors_path>`, or ``WORKDIR/anchors`` for a path."""
+    out = workdir.anchors_path if isinstance(workdir, Workdir) else anchors_dir(workdir)
     record = read_run(out) if out.is_dir() else None
     if not (record and record.get("complete")) or not (out / "dataset_info.json").exists():
         raise AnchorError(f"{out} holds no complete anchor set; run python -m ablate_jax.anchors first")

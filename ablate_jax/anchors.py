@@ -62,7 +62,7 @@ def _draw_shards(workdir: Workdir, plan: ShardPlan, shards: Sequence[int], pipel
                  mesh: jax.sharding.Mesh, progress: bool) -> int:
     """Draws and writes ``shards``; returns the number of images drawn."""
     spec = workdir.spec
-    config, out = spec.config, anchor_store.anchors_dir(workdir.path)
+    config, out = spec.config, workdir.anchors_path
     cfg = config_lib.anchor_sampling(config)
     key = jax.random.fold_in(jax.random.key(config.seed), ANCHOR_STREAM)
     measure = None
@@ -114,7 +114,7 @@ def generate_anchors(spec: config_lib.Spec | ml_collections.ConfigDict, workdir:
     workdir = open_workdir(spec, workdir, ("anchors",))
     spec = workdir.spec
     config = spec.config
-    out = anchor_store.anchors_dir(workdir.path)
+    out = workdir.anchors_path
     plan = ShardPlan(config.anchors.num_images, config.anchors.shard_size, spec.concept.usable_anchor_prompts(),
                      config.seed)
     record = anchor_store.read_run(out) if out.is_dir() else None

@@ -107,6 +107,10 @@ def base_config() -> ml_collections.ConfigDict:
     # bit-identical images across device counts only at the same per-device batch.
     c.anchors.batch_size = 8
     c.anchors.shard_size = 64  # images per dataset shard (the unit of resumption)
+    # A shared anchor store (a folder or gs:// URL): the set goes to STORE/<key>, the key a hash of
+    # everything the images depend on, so every run, concept or sweep with the same anchors reuses
+    # one set. Empty: WORKDIR/anchors, the run's own.
+    c.anchors.store = ""
     # Memorization concepts on real models: an anchor image is dropped when its CLIP (eval.clip)
     # image-embedding cosine to any of `memorization_references` images the base model draws
     # from the memorized caption exceeds this. The toy model uses its world's calibrated measure.

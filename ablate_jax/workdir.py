@@ -1,6 +1,7 @@
 """A run's folder, and the one guard that keeps two runs from mixing in it.
 
-``WORKDIR/`` holds ``anchors/`` (with ``run.json``, the identity of the images), ``checkpoints/``
+``WORKDIR/`` holds ``anchors/`` (with ``run.json``, the identity of the images; with
+``anchors.store`` the set lives in that shared store instead, under its identity's hash), ``checkpoints/``
 (with ``run.json``, the identity of the training), ``eval/`` and ``export/`` (with
 ``export.json``). Each identity is the fingerprint of the config fields the stage's result
 depends on (:func:`ablate_jax.config.fingerprint`), computed once from the run's
@@ -101,6 +102,12 @@ def _comparable(identity: Mapping[str, Any]) -> dict[str, Any]:
     return {**identity.get("fingerprint", {}).get("fields", {}), "inputs": identity.get("inputs", {})}
 
 
+def anchor_key(identity: Mapping[str, Any]) -> str:
+    """The name of an anchor set in a shared store: a hash of everything its images depend on."""
+    text = json.dumps(_comparable(identity), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:20]
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class Workdir:
     """A run's folder with the run's identities; made by :func:`open_workdir`, which guards it."""
@@ -120,9 +127,18 @@ class Workdir:
         """The fingerprint of what the trained parameters depend on (checkpoints and export record it)."""
         return config_lib.fingerprint(self.spec.config, *config_lib.TRAIN_KEYS)
 
+    @functools.cached_property
+    def anchors_path(self) -> storage.AnyPath:
+        """Where the run's anchor set lives: ``WORKDIR/anchors``, or ``STORE/<key>`` with ``anchors.store``
+        (:func:`anchor_key`), where every run with the same anchor identity finds the same set."""
+        store = self.spec.config.anchors.store
+        if store:
+            return storage.path(store) / anchor_key(self.anchor_identity)
+        return self.path / ANCHORS
+
     def check_anchors(self) -> dict[str, Any] | None:
         """The anchor set's record (None for none yet); another run's, or files that are no anchor set, are refused."""
-        out = self.path / ANCHORS
+        out = self.anchors_path
         if not out.exists():
             return None
         if not out.is_dir():
@@ -185,10 +201,10 @@ class Workdir:
 
     def guard(self, stages: Sequence[str]) -> None:
         """Every record the ``stages`` would reuse belongs to this run; nothing is written."""
-        if not self.path.exists():
-            return
         if {"anchors", "train"} & set(stages):
             self.check_anchors()
+        if not self.path.exists():
+            return
         if {"train", "eval", "export"} & set(stages):
             self.check_checkpoints()
         if "export" in stages and self.spec.config.export.enabled:
