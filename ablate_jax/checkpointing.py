@@ -34,8 +34,14 @@ def checkpoints_dir(workdir: str | os.PathLike) -> storage.AnyPath:
     return storage.path(workdir) / "checkpoints"
 
 
-def manager(workdir: str | os.PathLike, max_to_keep: int = 2) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+def manager(workdir: str | os.PathLike, max_to_keep: int = 2, barrier_prefix: str | None = None
+            ) -> ocp.CheckpointManager:
+    """The run's checkpoint manager. ``barrier_prefix``: a name of its own for the managers of one
+    process that save the same step at once (a sweep's runs): orbax's cross-process barriers are
+    named after the step, and two saves of one step in flight would otherwise share them."""
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, create=True,
+        multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=barrier_prefix))
     return ocp.CheckpointManager(checkpoints_dir(workdir), options=options)
 
 

@@ -262,6 +262,7 @@ def evaluate_run(
     extra_sets: Sequence[concepts.EvalSet] = (),
     clip: CLIP | None = None,
     attack_kinds: Sequence[str] | None = None,
+    base_images: dict[Any, np.ndarray] | None = None,
 ) -> dict[str, Any]:
     """Evaluates base against ablated parameters on every evaluation set; writes ``workdir/eval/``.
 
@@ -270,7 +271,9 @@ def evaluate_run(
     ``pipeline`` and ``clip`` default to the spec's model and evaluator. The concept's sets include
     the misspellings of its target when ``eval.misspelling``; ``extra_sets`` are evaluated after
     them (``eval.sets`` does not filter them). ``attack_kinds`` (default: ``eval.attacks``) are then
-    run against every model and scored (:mod:`ablate_jax.attacks`). Returns the report (schema in :mod:`ablate_jax.report`);
+    run against every model and scored (:mod:`ablate_jax.attacks`). ``base_images``: a dict the base
+    model's images are kept in and taken from, shared by evaluations of one pipeline (a sweep's runs
+    draw each set's base images once). Returns the report (schema in :mod:`ablate_jax.report`);
     the files appear only once everything is measured, so a failed evaluation leaves the previous ones.
     """
     start = time.perf_counter()
@@ -321,7 +324,15 @@ def evaluate_run(
             images, emb = {}, {}
             for m, params in models.items():
                 gen_bar.set_postfix_str(f"{s.name}, {m}")
+                # The base model's images depend only on these; runs of a sweep that share them draw them once.
+                shared = (s.name, tuple(prompts), int(config.seed), cfg, batch) if m == "base" else None
+                if base_images is not None and shared in base_images:
+                    images[m] = base_images[shared]
+                    gen_bar.update(len(prompts))
+                    continue
                 images[m] = _draw(pipeline, params, prompts, key, cfg, batch, mesh, gen_bar)
+                if base_images is not None and shared is not None:
+                    base_images[shared] = images[m]
             for m in models:
                 emb[m] = image_embeddings(clip, images[m])
             report_sets[s.name] = _measure_set(s, emb, text, concept, config, n)

@@ -78,8 +78,13 @@ def ablation_loss(
     mask: jax.Array,
     cfg: LossConfig,
     teacher_anchor: jax.Array | None = None,
+    weights: Mapping[str, jax.Array] | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The total loss and its terms.
+
+    ``weights``: values (``prior``, ``preserve``, ``adversarial``) that replace ``cfg``'s weights as
+    multipliers, for a sweep whose runs differ in them (:mod:`ablate_jax.sweep`); which terms exist
+    still follows ``cfg``.
 
     ``teacher_anchor``: the frozen teacher's prediction under the anchor prompt, when the caller
     already has it (robust ablation's adversary needs it first); it is then not computed again.
@@ -126,17 +131,19 @@ def ablation_loss(
         out = teacher(jnp.tile(x_t, (k, 1, 1, 1)), jnp.tile(t, (k,)), jnp.concatenate(frozen_ctx))
         teacher_pred.update(zip(frozen_parts, jnp.split(jax.lax.stop_gradient(out), k), strict=True))
 
+    weight = {"prior": cfg.prior_weight, "preserve": cfg.preserve_weight, "adversarial": cfg.adversarial_weight,
+              **(weights or {})}
     terms: dict[str, jax.Array] = {}
     ablation_target = teacher_pred["anchor"] if cfg.loss == "model_based" else regress_target
     terms["ablation"] = masked_mse(pred["target"], ablation_target, mask)
     total = terms["ablation"]
     if cfg.adversarial_weight > 0:
         terms["adversarial"] = masked_mse(pred["adversarial"], ablation_target, mask)
-        total = total + cfg.adversarial_weight * terms["adversarial"]
+        total = total + weight["adversarial"] * terms["adversarial"]
     if cfg.prior_weight > 0:
         terms["prior"] = masked_mse(pred["prior"], regress_target, mask)
-        total = total + cfg.prior_weight * terms["prior"]
+        total = total + weight["prior"] * terms["prior"]
     if cfg.preserve_weight > 0:
         terms["preserve"] = masked_mse(pred["keep"], teacher_pred["keep"], mask)
-        total = total + cfg.preserve_weight * terms["preserve"]
+        total = total + weight["preserve"] * terms["preserve"]
     return total, terms

@@ -82,7 +82,8 @@ def adversary_for(config: ml_collections.ConfigDict, pipeline: Pipeline, concept
 def make_objective(pipeline: Pipeline, selection: params_lib.Selection, loss_cfg: losses.LossConfig, *,
                    stop_sot_kv_grad: bool = True, remat: str = "none", encode_chunks: int = 1,
                    adversary: Adversary | None = None):
-    """``objective(trainable, base, batch, key) -> (loss, terms)``: the loss of one batch, a pure function.
+    """``objective(trainable, base, batch, key, weights=None) -> (loss, terms)``: the loss of one batch, a pure
+    function (``weights``: see :func:`ablate_jax.losses.ablation_loss`).
 
     ``batch``: ``image`` [B, H, W, 3] in [-1, 1], ``mask`` [B, h, w, 1], ``target_ids``,
     ``anchor_ids`` and (preservation) ``keep_ids`` [B, L]. ``key`` draws the VAE posterior
@@ -114,7 +115,7 @@ def make_objective(pipeline: Pipeline, selection: params_lib.Selection, loss_cfg
         unchunk = lambda y: y.swapaxes(0, 1).reshape(b, *y.shape[2:])  # noqa: E731
         return unchunk(mean), unchunk(logvar)
 
-    def objective(trainable, base, batch, key):
+    def objective(trainable, base, batch, key, weights=None):
         k_post, k_t, k_noise = jax.random.split(key, 3)
         mean, logvar = encode(base["vae"], batch["image"])
         z0 = (mean + jnp.exp(0.5 * logvar) * jax.random.normal(k_post, mean.shape, mean.dtype)).astype(jnp.float32)
@@ -164,7 +165,7 @@ def make_objective(pipeline: Pipeline, selection: params_lib.Selection, loss_cfg
                 teacher_anchor = goal if loss_cfg.teacher == "frozen" else None
             contexts["student_adversarial"] = adversarial_states(
                 student_params, batch["target_ids"], x_t, t, goal, mask, jax.random.fold_in(key, 1))
-        return losses.ablation_loss(student, teacher, x_t, t, contexts, regress, mask, loss_cfg, teacher_anchor)
+        return losses.ablation_loss(student, teacher, x_t, t, contexts, regress, mask, loss_cfg, teacher_anchor, weights)
 
     def adversarial_states(params, ids, x_t, t, goal, mask, key):
         """The target prompt's states with its tokens' embeddings moved (within the bound) to undo the ablation."""
@@ -347,7 +348,7 @@ def train(ctx: RunContext, *, progress: bool = True) -> dict[str, Any]:
         return {"steps": start, "seconds": 0.0, "skipped": True, "trainable": selection.count(pipeline.params)}
 
     data = AnchorBatches(
-        anchor_store.open_anchors(ctx.workdir.path), concept, lambda p: text_to_image.tokenize(pipeline, p),
+        anchor_store.open_anchors(ctx.workdir), concept, lambda p: text_to_image.tokenize(pipeline, p),
         seed=config.seed, global_batch=t.batch_size, latent_factor=pipeline.vae_downsample,
         flip=t.flip, rescale=t.rescale, with_keep=loss_cfg.needs_keep, misspell=float(config.robust.misspell),
         process_index=jax.process_index(), process_count=jax.process_count(),
@@ -449,7 +450,7 @@ def run(config: ml_collections.ConfigDict | config_lib.Spec, workdir: str | os.P
     their results forward"). ``pipeline``: the model ``config.model`` names, already loaded (with
     ``config.dtype``). Runs that share one pipeline object in a process also share its compiled programs.
     """
-    from ablate_jax import anchors, evaluate  # noqa: PLC0415
+    from ablate_jax import anchors  # noqa: PLC0415
 
     spec = config_lib.prepare(config)
     config = spec.config
@@ -473,26 +474,39 @@ def run(config: ml_collections.ConfigDict | config_lib.Spec, workdir: str | os.P
     summary = train(ctx, progress=progress)
     timing["train"] = time.perf_counter() - t
 
+    report = evaluate_and_export(ctx, timing, progress=progress)
+    report["anchors"], report["train"] = anchor_summary, summary
+    return report
+
+
+def evaluate_and_export(ctx: RunContext, timing: dict[str, float], *, progress: bool = True,
+                        base_images: dict[Any, np.ndarray] | None = None) -> dict[str, Any]:
+    """The stages after training, each when enabled: one restore of the trained parameters, the
+    evaluation report and the export; ``timing`` (the earlier stages' seconds) goes into the report.
+    ``base_images``: see :func:`ablate_jax.evaluate.evaluate_run`."""
+    from ablate_jax import evaluate  # noqa: PLC0415
+
+    config, wd, pipeline = ctx.spec.config, ctx.workdir, ctx.pipeline
     report: dict[str, Any] = {}
+    timing = dict(timing)
     ablated = None
     if config.eval.enabled or config.export.enabled:
         ablated = checkpointing.restore_ablated_params(wd, pipeline, ctx.selection)
     if config.eval.enabled:
         t = time.perf_counter()
-        report = evaluate.evaluate_run(spec, wd.path, ablated_params=ablated, pipeline=pipeline, mesh=mesh,
-                                       progress=progress)
+        report = evaluate.evaluate_run(ctx.spec, wd.path, ablated_params=ablated, pipeline=pipeline, mesh=ctx.mesh,
+                                       progress=progress, base_images=base_images)
         timing["eval"] = time.perf_counter() - t
     if config.export.enabled:
         from ablate_jax import export  # noqa: PLC0415
 
         t = time.perf_counter()
-        report["export"] = str(export.export_run(spec, wd, pipeline=pipeline, ablated_params=ablated,
+        report["export"] = str(export.export_run(ctx.spec, wd, pipeline=pipeline, ablated_params=ablated,
                                                  selection=ctx.selection))
         timing["export"] = time.perf_counter() - t
     report["timing_s"] = {**report.get("timing_s", {}), **timing}
     if config.eval.enabled and jax.process_index() == 0:
         evaluate.write_report(report, wd.path / "eval")  # again, now with every stage's time
-    report["anchors"], report["train"] = anchor_summary, summary
     return report
 
 
