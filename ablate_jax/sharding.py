@@ -1,8 +1,10 @@
 """Device meshes, shardings and host <-> device transfers shared by generation, training and evaluation.
 
-Every mesh has two axes: ``data`` and ``fsdp``. Batches are split over both (every device
+A run's mesh has two axes: ``data`` and ``fsdp``. Batches are split over both (every device
 holds different examples); parameters are replicated, or with ``fsdp`` > 1 split along that
-axis (fully sharded data parallel), which is how a full fine-tune of a large UNet fits. The
+axis (fully sharded data parallel), which is how a full fine-tune of a large UNet fits. A
+sweep's mesh is ``(runs, data)``: stacked per-run states split over ``runs``, batches over
+``data`` (docs/design.md, "Sweeps"). The
 helpers here turn host values into global arrays and back, so the same code runs on one CPU,
 one GPU and every host of a multi-host TPU slice.
 """
@@ -18,6 +20,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 DATA = "data"
 FSDP = "fsdp"
+RUNS = "runs"  # a sweep's mesh: (runs, data), one group of devices per slice of the runs
 
 # Leaves smaller than this stay replicated under FSDP: splitting a bias or a norm scale saves
 # nothing and costs a gather.
@@ -30,6 +33,26 @@ def make_mesh(devices: Sequence[jax.Device] | None = None, *, fsdp: int = 1) -> 
     if fsdp < 1 or len(devices) % fsdp:
         raise ValueError(f"the fsdp axis ({fsdp}) must divide the {len(devices)} devices")
     return Mesh(np.asarray(devices).reshape(len(devices) // fsdp, fsdp), (DATA, FSDP))
+
+
+def make_run_mesh(runs: int, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A sweep's ``(runs, data)`` mesh: ``runs`` groups of devices, each training its share of the runs
+    on its own slice of every batch (docs/sweeps.md, "On a pod slice")."""
+    devices = list(jax.devices() if devices is None else devices)
+    if runs < 1 or len(devices) % runs:
+        raise ValueError(f"the runs axis ({runs}) must divide the {len(devices)} devices")
+    return Mesh(np.asarray(devices).reshape(runs, len(devices) // runs), (RUNS, DATA))
+
+
+def run_stacked(mesh: Mesh) -> NamedSharding:
+    """Leading (run) axis split over the ``runs`` axis; the rest whole (each run's tree on its devices)."""
+    return NamedSharding(mesh, PartitionSpec(RUNS))
+
+
+def run_batch_sharded(mesh: Mesh, stacked: bool) -> NamedSharding:
+    """A sweep's batch: ``[runs, batch, ...]`` split over both axes, or one batch every run shares
+    (``[batch, ...]``, split over ``data`` and repeated on every group of the ``runs`` axis)."""
+    return NamedSharding(mesh, PartitionSpec(RUNS, DATA) if stacked else PartitionSpec(DATA))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -3,11 +3,11 @@ the preservation term, on the toy world's default concept (smiley -> circle).
 
     python bench/tradeoff.py [--lrs 1e-4,3e-4,1e-3] [--steps 100,300] [--out tradeoff]
 
-Every run shares one anchor set. For each learning rate, preservation weight (0 and the
-default's) and step count, a workdir of its own trains from the pretrained model and is
-evaluated on the target (smiley), the preserved sibling (frowny) and the held-out siblings
-(winky, gaspy). Writes OUT/tradeoff.json and
-OUT/tradeoff.png (needs matplotlib: pip install -e '.[bench]').
+One sweep (:mod:`ablate_jax.sweep`, in OUT/sweep): every learning rate x step count x
+preservation weight (0 and the default's) trains from the pretrained model on one anchor set
+(runs with the same weight in one program) and is evaluated on the target (smiley), the
+preserved sibling (frowny) and the held-out siblings (winky, gaspy). Writes OUT/tradeoff.json
+and OUT/tradeoff.png (needs matplotlib: pip install -e '.[bench]').
 """
 
 from __future__ import annotations
@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,42 +37,38 @@ def main() -> None:
     ap.add_argument("--out", default="tradeoff")
     args = ap.parse_args()
 
-    from ablate_jax import anchors, train
+    from ablate_jax import sweep
     from ablate_jax.config import resolve
     from ablate_jax.models import load_pipeline
     from ablate_jax.toy import shipped_path
 
-    lrs = [float(x) for x in args.lrs.split(",")]
-    steps = sorted(int(x) for x in args.steps.split(","))
     # The frowny alone is preserved (the preset also keeps the winky), so that two face
     # siblings stay held out for the retention axis.
     common = f"eval.sets={SETS},eval.misspelling=False,export.enabled=False,preserve.concepts=frowny"
     weight = args.weight if args.weight is not None else float(resolve(load_config(common)).preserve.weight)
-    pipe = load_pipeline(shipped_path("pipeline"))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    axes = [f"preserve.weight=0,{weight:g}", f"train.learning_rate={args.lrs}", f"train.steps={args.steps}"]
+    result = sweep.run(load_config(common), axes, out / "sweep", pipeline=load_pipeline(shipped_path("pipeline")),
+                       progress=False)
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        anchors = Path(tmp) / "anchors-run"
-        anchors.generate_anchors(load_config(common), anchors, pipeline=pipe, progress=False)
-        for w in (0.0, weight):
-            for lr in lrs:
-                for n in steps:
-                    workdir = Path(tmp) / f"w{w}-lr{lr}-n{n}"
-                    shutil.copytree(anchors / "anchors", workdir / "anchors")
-                    config = load_config(f"{common},train.steps={n},train.learning_rate={lr},preserve.weight={w}")
-                    report = train.run(config, workdir, pipeline=pipe, progress=False)
-                    acc = {k: v["clip_accuracy"] for k, v in report["sets"].items()}
-                    row = {"preserve_weight": w, "learning_rate": lr, "steps": n,
-                           "target": acc["smiley"], "preserved": acc["frowny"],
-                           "held_out": {k: acc[k] for k in HELD_OUT}}
-                    row["held_out_retention"] = sum(acc[k]["ablated"] for k in HELD_OUT) / max(
-                        sum(acc[k]["base"] for k in HELD_OUT), 1e-9)
-                    rows.append(row)
-                    print(f"weight {w:g}  lr {lr:g}  steps {n:4d}  smiley {acc['smiley']['base']:.2f} -> "
-                          f"{acc['smiley']['ablated']:.2f}  frowny {acc['frowny']['base']:.2f} -> "
-                          f"{acc['frowny']['ablated']:.2f}  held-out retention {row['held_out_retention']:.2f}",
-                          flush=True)
+    for run in result["runs"]:
+        if "sets" not in run:
+            print(f"{run['name']}: {run['train'].get('failed')}")
+            continue
+        acc = run["sets"]
+        v = run["values"]
+        row = {"preserve_weight": float(v["preserve.weight"]), "learning_rate": float(v["train.learning_rate"]),
+               "steps": int(v["train.steps"]),
+               "target": {k: acc["smiley"][k] for k in ("base", "ablated")},
+               "preserved": {k: acc["frowny"][k] for k in ("base", "ablated")},
+               "held_out": {s: {k: acc[s][k] for k in ("base", "ablated")} for s in HELD_OUT}}
+        row["held_out_retention"] = sum(acc[k]["ablated"] for k in HELD_OUT) / max(
+            sum(acc[k]["base"] for k in HELD_OUT), 1e-9)
+        rows.append(row)
+        print(f"weight {row['preserve_weight']:g}  lr {row['learning_rate']:g}  steps {row['steps']:4d}  smiley "
+              f"{row['target']['base']:.2f} -> {row['target']['ablated']:.2f}  frowny {row['preserved']['base']:.2f} "
+              f"-> {row['preserved']['ablated']:.2f}  held-out retention {row['held_out_retention']:.2f}", flush=True)
     (out / "tradeoff.json").write_text(json.dumps(rows, indent=1))
     plot(rows, out / "tradeoff.png")
     print(f"wrote {out / 'tradeoff.json'} and {out / 'tradeoff.png'}")

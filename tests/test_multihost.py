@@ -8,7 +8,6 @@ Cloud Storage emulator (the ``gcs_bucket`` fixture); the 1-process reference use
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from processes import PROCESSES, launch, wait
 
 from ablate_jax import anchor_store, anchors, checkpointing, distributed, export, storage, train
 from ablate_jax.config import concept_from_config
@@ -33,58 +33,9 @@ import xattn  # noqa: E402
 ARG = ("anchors.num_images=16,anchors.steps=3,anchors.shard_size=8,train.steps=4,train.checkpoint_every=2,"
        "train.log_every=2,preserve.weight=0,eval.num_images=4,eval.steps=4,eval.sets=smiley;frowny,"
        "eval.kid_subset_size=4,export.enabled=False")
-PROCESSES, DEVICES_PER_PROCESS = 2, 4
 # The bucket run also exports; TensorBoard events go through TensorFlow's GCS client, which
 # cannot be pointed at the emulator, so that run logs its metrics to the log only.
 BUCKET_ARG = ARG.replace("export.enabled=False", "export.enabled=True") + ",train.tensorboard=False"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _launch(workdir: str | Path, arg: str, logs: Path, env_extra: dict | None = None,
-            heartbeat_timeout: int = 60, step_delay: float = 0.0) -> list[subprocess.Popen]:
-    """Starts the train command as PROCESSES processes of one run; their output goes to ``logs``.
-
-    The heartbeat timeout is generous by default: on a loaded 2-core machine a process importing
-    TensorFlow's reader can miss heartbeats for over 10 s, and the service then ends a healthy run.
-    """
-    port = _free_port()
-    env = dict(os.environ)
-    env.update({
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES_PER_PROCESS}",
-        "JAX_PLATFORMS": "cpu",
-        "PYTHONPATH": str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""),
-        "PYTHONUNBUFFERED": "1",
-        **(env_extra or {}),
-    })
-    env.pop("CI", None)
-    procs = []
-    for pid in range(PROCESSES):
-        # With a delay, through tests/slow.py, which pauses after each train step.
-        runner = [str(ROOT / "tests" / "slow.py"), f"--step_delay={step_delay}"] if step_delay else ["-m"]
-        cmd = [sys.executable, *runner, "ablate_jax.train", f"--config={ROOT / 'configs' / 'xattn.py'}:{arg}",
-               f"--workdir={workdir}", f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={PROCESSES}",
-               f"--process_id={pid}", f"--heartbeat_timeout={heartbeat_timeout}"]
-        log = open(logs / f"process{pid}.log", "w")  # noqa: SIM115  (closed with the process)
-        procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=logs))
-    return procs
-
-
-def _wait(procs: list[subprocess.Popen], timeout: float) -> list[int]:
-    deadline = time.monotonic() + timeout
-    codes = []
-    try:
-        for p in procs:
-            codes.append(p.wait(timeout=max(1.0, deadline - time.monotonic())))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    return codes
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +52,7 @@ def two_processes(tmp_path_factory, gcs_bucket):
     base = tmp_path_factory.mktemp("two")
     workdir, logs = f"{gcs_bucket}/two/run", base / "logs"
     logs.mkdir()
-    codes = _wait(_launch(workdir, BUCKET_ARG, logs), timeout=600)
+    codes = wait(launch(workdir, BUCKET_ARG, logs), timeout=600)
     out = {pid: (logs / f"process{pid}.log").read_text() for pid in range(PROCESSES)}
     assert codes == [0] * PROCESSES, "\n".join(f"--- process {p} ---\n{t[-3000:]}" for p, t in out.items())
     return workdir, out, logs
@@ -207,7 +158,7 @@ def test_a_dead_process_stops_the_others_with_a_clear_error(two_processes, tmp_p
                                 recursive=True)
     logs = tmp_path / "logs"
     logs.mkdir()
-    procs = _launch(workdir, ARG.replace("train.steps=4", "train.steps=200"), logs,
+    procs = launch(workdir, ARG.replace("train.steps=4", "train.steps=200"), logs,
                     heartbeat_timeout=10, step_delay=0.5)
     try:
         deadline = time.monotonic() + 300
