@@ -1,6 +1,6 @@
 """A sweep's training throughput against the same runs one after another, on the toy world.
 
-    python bench/sweep.py [--lrs 1e-4,2e-4,3e-4,6e-4] [--steps 600] [--devices 1]
+    python bench/sweep.py [--lrs 1e-4,2e-4,3e-4,6e-4] [--steps 600] [--devices 1] [--eval]
 
 The default config's runs (smiley -> circle, cross-attention keys and values, model-based loss,
 frozen teacher, preservation) at each learning rate, trained twice in one process from one
@@ -8,7 +8,8 @@ anchor set drawn first into a shared store: one after another with ``ablate_jax.
 (which shares its compiled step between runs that differ only in the rate), then as one
 ``ablate_jax.sweep`` (one program for all runs). Both times include compilation. Prints each
 side's seconds, each run's relative difference between its two trained deltas, and the last
-line ``speedup_vs_sequential=<ratio>`` (sequential seconds / sweep seconds, training only).
+line ``speedup_vs_sequential=<ratio>`` (sequential seconds / sweep seconds: training, and with
+``--eval`` evaluation too, where the sweep draws each set's base images once for all runs).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ def main() -> None:
     ap.add_argument("--lrs", default="1e-4,2e-4,3e-4,6e-4")
     ap.add_argument("--steps", type=int, default=600, help="steps per run (the default config's)")
     ap.add_argument("--devices", type=int, default=1, help="virtual CPU devices (set before jax starts)")
+    ap.add_argument("--eval", action="store_true", help="evaluate every run too (the default sets, 20 images each)")
     args = ap.parse_args()
     os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
     sys.path.insert(0, str(ROOT / "configs"))
@@ -43,7 +45,7 @@ def main() -> None:
     lrs = args.lrs.split(",")
     pipe = load_pipeline(shipped_path("pipeline"))
     with tempfile.TemporaryDirectory() as tmp:
-        common = (f"train.steps={args.steps},train.checkpoint_every={args.steps},eval.enabled=False,"
+        common = (f"train.steps={args.steps},train.checkpoint_every={args.steps},eval.enabled={args.eval},"
                   f"export.enabled=False,anchors.store={tmp}/anchors")
         anchors.generate_anchors(xattn.get_config(common), Path(tmp) / "draw", pipeline=pipe, progress=False)
 
@@ -59,7 +61,8 @@ def main() -> None:
         swept = time.perf_counter() - t0
 
         print(f"{len(lrs)} runs x {args.steps} steps, batch 8, {args.devices} device(s)")
-        print(f"one after another: {sequential:.1f} s; one sweep: {swept:.1f} s (anchors already drawn in both)")
+        print(f"one after another: {sequential:.1f} s; one sweep: {swept:.1f} s (anchors already drawn in both; "
+              f"{'training and evaluation' if args.eval else 'training'})")
         for lr, run in zip(lrs, result["runs"], strict=True):
             config = xattn.get_config(f"{common},train.learning_rate={lr}")
             deltas = []
