@@ -32,7 +32,8 @@ import numpy as np
 from ablate_jax import storage
 from ablate_jax.workdir import ANCHORS, RUN_FILE, TMP_DIR, Workdir, read_record
 
-__all__ = ["AnchorError", "AnchorSource", "ShardPlan", "anchors_dir", "finalize", "open_anchors", "read_run",
+__all__ = ["AnchorError", "AnchorSource", "ShardPlan", "anchors_dir", "extend", "finalize", "first_images",
+           "open_anchors", "read_run",
            "remove_stale", "shard_name", "write_json", "write_shard"]
 
 log = logging.getLogger(__name__)
@@ -94,8 +95,10 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 def is_complete(out: Path, plan: ShardPlan, record: dict[str, Any] | None) -> bool:
-    return bool(record and record.get("complete")) and (out / "dataset_info.json").exists() and all(
-        plan.shard_path(out, s).exists() for s in range(plan.num_shards))
+    """The set of ``plan`` is finished: a complete record of its count, its metadata and every shard."""
+    return (bool(record and record.get("complete")) and record.get("num_images_requested") == plan.num_images
+            and (out / "dataset_info.json").exists()
+            and all(plan.shard_path(out, s).exists() for s in range(plan.num_shards)))
 
 
 def _features(image_shape: Sequence[int]):
@@ -267,21 +270,24 @@ class AnchorSource:
     """Random access to an anchor set, in shard order then index order.
 
     ``source[i]`` is ``{"image": uint8 [H, W, 3], "prompt": str, "index": int, "seed": int}``.
+    ``positions``: the records of the set to show, when it is read in part (:func:`open_anchors`).
     """
 
-    def __init__(self, source: Any, path: Path):
+    def __init__(self, source: Any, path: Path, positions: Sequence[int] | None = None):
         self._source = source
         self.path = path
+        self._positions = None if positions is None else list(positions)
 
     def __len__(self) -> int:
-        return len(self._source)
+        return len(self._source) if self._positions is None else len(self._positions)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        n = len(self._source)
+        n = len(self)
         i = int(i)
         if not -n <= i < n:
             raise IndexError(f"anchor example {i} out of range for {n} examples")
-        record = self._source[i % n]
+        i %= n
+        record = self._source[i if self._positions is None else self._positions[i]]
         prompt = record["prompt"]
         return {
             "image": np.asarray(record["image"]),
@@ -305,9 +311,56 @@ def _open(out: Path) -> AnchorSource:
 
 def open_anchors(workdir: str | os.PathLike | Workdir) -> AnchorSource:
     """The finished anchor set of a run as a random-access source (see :class:`AnchorSource`): its
-    :attr:`Workdir.anchors_path <ablate_jax.workdir.Workdir.anchors_path>`, or ``WORKDIR/anchors`` for a path."""
+    :attr:`Workdir.anchors_path <ablate_jax.workdir.Workdir.anchors_path>`, or ``WORKDIR/anchors`` for a path.
+    A larger set of a shared store is read in part: the run's ``anchors.num_images`` first images, the very
+    records a set of that count holds."""
     out = workdir.anchors_path if isinstance(workdir, Workdir) else anchors_dir(workdir)
     record = read_run(out) if out.is_dir() else None
     if not (record and record.get("complete")) or not (out / "dataset_info.json").exists():
         raise AnchorError(f"{out} holds no complete anchor set; run python -m ablate_jax.anchors first")
-    return _open(out)
+    source = _open(out)
+    count = workdir.spec.config.anchors.num_images if isinstance(workdir, Workdir) else None
+    if count is None or count >= int(record["num_images_requested"]):
+        return source
+    return AnchorSource(source._source, out, first_images(source, record, count))
+
+
+def first_images(source: AnchorSource, record: dict[str, Any], count: int) -> list[int]:
+    """The positions of the images with index below ``count``: whole shards, then the part of the shard
+    that ``count`` ends in (its records are in index order)."""
+    lengths, size = record["shard_lengths"], int(record["shard_size"])
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(int)
+    full = min(count // size, len(lengths))
+    positions = list(range(offsets[full]))
+    if full < len(lengths):
+        for p in range(offsets[full], offsets[full + 1]):
+            if source[p]["index"] >= count:
+                break
+            positions.append(p)
+    return positions
+
+
+def extend(out: Path, old: ShardPlan, new: ShardPlan, record: dict[str, Any]) -> dict[str, Any]:
+    """Process 0: makes a set of ``old.num_images`` the start of one of ``new.num_images`` (same seed,
+    prompts and shard size), and returns its record, now incomplete.
+
+    Whole shards keep their images (image ``i`` depends only on the seed and ``i``) and are renamed
+    for the new shard count; the last shard, when partial, is deleted to be drawn again whole, with
+    the set's metadata. The record goes first, so an interruption leaves a set that resumes.
+    """
+    assert (old.shard_size, old.prompts, old.seed) == (new.shard_size, new.prompts, new.seed)
+    record = {k: v for k, v in record.items() if k not in ("num_images", "dropped", "shard_lengths")}
+    record.update(complete=False, num_shards=new.num_shards, num_images_requested=new.num_images)
+    write_json(out / RUN_FILE, record)
+    for name in ("dataset_info.json", "features.json", PREVIEW_FILE):
+        if (out / name).exists():
+            (out / name).unlink()
+    for s in range(old.num_shards):
+        src = old.shard_path(out, s)
+        if not src.exists():
+            continue
+        if len(old.shard_range(s)) < old.shard_size:
+            src.unlink()
+        elif src != new.shard_path(out, s):
+            src.rename(new.shard_path(out, s))
+    return record

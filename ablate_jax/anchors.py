@@ -115,19 +115,31 @@ def generate_anchors(spec: config_lib.Spec | ml_collections.ConfigDict, workdir:
     spec = workdir.spec
     config = spec.config
     out = workdir.anchors_path
-    plan = ShardPlan(config.anchors.num_images, config.anchors.shard_size, spec.concept.usable_anchor_prompts(),
-                     config.seed)
+    prompts = spec.concept.usable_anchor_prompts()
     record = anchor_store.read_run(out) if out.is_dir() else None
+    # A set of a shared store may hold another count of the same images (docs/sweeps.md): a larger
+    # one is read in part, a smaller one extended.
+    wanted = int(config.anchors.num_images)
+    recorded = int(record["num_images_requested"]) if record is not None else wanted
+    plan = ShardPlan(max(wanted, recorded), config.anchors.shard_size, prompts, config.seed)
     if anchor_store.is_complete(out, plan, record):
         assert record is not None
         summary = _summary(record, out, plan, seconds=time.perf_counter() - t0, skipped=True, generated=0,
                            resumed=plan.num_shards)
+        if wanted < recorded:
+            summary["message"] += f" (this run reads its first {wanted})"
         log.info("%s", summary["message"])
         return summary
     # Every process has checked the directory before any of them writes to it.
     distributed.barrier("ablate_jax.anchors.checked")
 
     pid, nproc = jax.process_index(), jax.process_count()
+    if record is not None and recorded < wanted:
+        log.info("anchors: extending the set of %d images in %s to %d", recorded, out, wanted)
+        if pid == 0:
+            anchor_store.extend(out, ShardPlan(recorded, plan.shard_size, prompts, config.seed), plan, record)
+        distributed.barrier("ablate_jax.anchors.extended")
+        record = anchor_store.read_run(out)
     done = [s for s in range(plan.num_shards) if plan.shard_path(out, s).exists()]
     todo = [s for s in range(pid, plan.num_shards, nproc) if s not in set(done)]
     if done:

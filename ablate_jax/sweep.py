@@ -186,8 +186,8 @@ def programs(members: Sequence[Member], selections: Sequence[params_lib.Selectio
 def data_key(member: Member) -> tuple:
     """Runs with equal keys read the same batches at every step (and draw the same noise)."""
     c, lc = member.config, config_lib.loss_config(member.config)
-    return (os.fspath(member.workdir.anchors_path), member.spec.concept, c.seed, c.train.batch_size, c.train.flip,
-            c.train.rescale, float(c.robust.misspell), lc.needs_keep)
+    return (os.fspath(member.workdir.anchors_path), c.anchors.num_images, member.spec.concept, c.seed,
+            c.train.batch_size, c.train.flip, c.train.rescale, float(c.robust.misspell), lc.needs_keep)
 
 
 def runs_axis(n_runs: int, batch_size: int, n_devices: int, requested: int = 0) -> int:
@@ -471,7 +471,8 @@ def run(config: ml_collections.ConfigDict, axes: Sequence[str], workdir: str | o
 
     t = time.perf_counter()
     drawn: dict[str, dict[str, Any]] = {}
-    for m in members:
+    # The largest count of each set first: the runs that want fewer of its images then read them in part.
+    for m in sorted(members, key=lambda m: -int(m.config.anchors.num_images)):
         key = os.fspath(m.workdir.anchors_path)
         if key not in drawn:
             drawn[key] = anchors.generate_anchors(m.spec, m.workdir, pipeline=pipeline, mesh=mesh, progress=progress)

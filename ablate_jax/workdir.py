@@ -98,13 +98,21 @@ def anchor_identity(spec: config_lib.Spec) -> dict[str, Any]:
     return {"fingerprint": config_lib.fingerprint(spec.config, *config_lib.ANCHOR_KEYS), "inputs": inputs}
 
 
-def _comparable(identity: Mapping[str, Any]) -> dict[str, Any]:
-    return {**identity.get("fingerprint", {}).get("fields", {}), "inputs": identity.get("inputs", {})}
+COUNT_KEY = "anchors.num_images"
+
+
+def _comparable(identity: Mapping[str, Any], *, count: bool = True) -> dict[str, Any]:
+    fields = dict(identity.get("fingerprint", {}).get("fields", {}))
+    if not count:
+        fields.pop(COUNT_KEY, None)
+    return {**fields, "inputs": identity.get("inputs", {})}
 
 
 def anchor_key(identity: Mapping[str, Any]) -> str:
-    """The name of an anchor set in a shared store: a hash of everything its images depend on."""
-    text = json.dumps(_comparable(identity), sort_keys=True, default=str)
+    """The name of an anchor set in a shared store: a hash of everything its images depend on but their
+    count (image ``i`` depends only on the seed and ``i``, so a set of N holds every smaller one's images,
+    and a larger count extends it)."""
+    text = json.dumps(_comparable(identity, count=False), sort_keys=True, default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:20]
 
 
@@ -149,7 +157,9 @@ class Workdir:
                 raise WorkdirError(f"{out} holds files but no {RUN_FILE}, so it is not an anchor set of this "
                                    "project; use another --workdir")
             return None
-        diffs = differences(_comparable(record), _comparable(self.anchor_identity))
+        # In a shared store a set of another count is this run's too: it is extended or read in part.
+        shared = bool(self.spec.config.anchors.store)
+        diffs = differences(_comparable(record, count=not shared), _comparable(self.anchor_identity, count=not shared))
         if diffs:
             raise foreign(out, "anchors", diffs)
         return record

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ablate_jax import anchors, checkpointing, evaluate, sweep, train
+from ablate_jax import anchor_store, anchors, checkpointing, evaluate, sweep, train
 from ablate_jax.workdir import open_workdir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -195,3 +195,30 @@ def test_a_sweep_over_two_processes_trains_one_run_per_process(grid, tmp_path, t
     swept_here, base = _trained(config, grid[1]["runs"][2]["workdir"], toy_pipe)
     swept_there, _ = _trained(config, result["runs"][1]["workdir"], toy_pipe)
     assert _relative_error(swept_here, swept_there, base) < 5e-5
+
+
+def test_a_larger_count_extends_a_set_of_the_store_and_a_smaller_one_reads_its_first_images(tmp_path, toy_pipe):
+    def config(n, store):
+        return xattn.get_config(f"{TINY},anchors.num_images={n},anchors.store={store}")
+
+    def draw(n, name, store=tmp_path / "store"):
+        return anchors.generate_anchors(config(n, store), tmp_path / name, pipeline=toy_pipe, progress=False)
+
+    def records(n, name, store=tmp_path / "store"):
+        return list(anchor_store.open_anchors(open_workdir(config(n, store), tmp_path / name)))
+
+    assert draw(12, "a")["generated"] == 12  # shards of 8: one whole, one of 4
+    extended = draw(16, "b")
+    # The whole shard is kept; the partial one is drawn again, whole.
+    assert extended["generated"] == 8 and extended["resumed_shards"] == 1
+    assert len(list((tmp_path / "store").iterdir())) == 1
+    assert draw(16, "c", tmp_path / "other")["generated"] == 16
+    grown, direct = records(16, "b"), records(16, "c", tmp_path / "other")
+    assert [r["index"] for r in grown] == list(range(16))
+    assert all(np.array_equal(g["image"], d["image"]) and g["prompt"] == d["prompt"] for g, d in zip(grown, direct, strict=True))
+
+    part = draw(12, "d")
+    assert part["generated"] == 0 and "reads its first 12" in part["message"]
+    first = records(12, "d")
+    assert [r["index"] for r in first] == list(range(12))
+    assert all(np.array_equal(f["image"], g["image"]) for f, g in zip(first, grown[:12], strict=True))
