@@ -38,7 +38,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from tqdm.auto import tqdm
 
 from ablate_jax import (
@@ -49,12 +48,10 @@ from ablate_jax import (
     preflight,
     sharding,
     storage,
-    text_to_image,
     train,
 )
 from ablate_jax import config as config_lib
 from ablate_jax import params as params_lib
-from ablate_jax.data import AnchorBatches
 from ablate_jax.models.loading import Pipeline, load_pipeline
 from ablate_jax.workdir import Workdir
 
@@ -215,14 +212,6 @@ def _stack(trees: Sequence[Any]) -> Any:
     return jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *trees)
 
 
-def _writer(member: Member):
-    from clu import metric_writers  # noqa: PLC0415  (imports TensorFlow; only training needs it)
-
-    return metric_writers.create_default_writer(
-        os.fspath(member.workdir.path / "logs"),
-        just_logging=jax.process_index() > 0 or not member.config.train.tensorboard)
-
-
 @functools.lru_cache(maxsize=8)
 def compiled_programs(pipeline: Pipeline, selection: params_lib.Selection, loss_cfg: losses.LossConfig,
                       clip_norm: float, stop_sot_kv_grad: bool, remat: str, encode_chunks: int,
@@ -248,20 +237,12 @@ def compiled_programs(pipeline: Pipeline, selection: params_lib.Selection, loss_
         return jax.random.key(shared_seed if shared_seed is not None else seed)
 
     def one_step(state, base, batch, seed, w, active, step):
-        key = jax.random.fold_in(root_key(seed), step)
-        (loss, terms), grads = jax.value_and_grad(objective, has_aux=True)(state["params"], base, batch, key, w)
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        new = {"step": state["step"] + 1, "params": optax.apply_updates(state["params"], updates),
-               "opt_state": opt_state}
-        new = jax.tree.map(lambda a, b: jnp.where(active, a, b), new, state)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "nonfinite": opt_state.total_notfinite,
-                   **{f"loss_{k}": v for k, v in terms.items()}}
-        return new, metrics
+        new, metrics = train.update(objective, tx, state, base, batch, jax.random.fold_in(root_key(seed), step), w)
+        return jax.tree.map(lambda a, b: jnp.where(active, a, b), new, state), metrics
 
     def one_probe(trainable, base, batch, seed, w):
-        loss, _ = objective(trainable, base, batch, jax.random.fold_in(root_key(seed), train.PROBE_STREAM), w)
-        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(v)) for v in jax.tree.leaves(trainable)]))
-        return loss, finite
+        return train.probe_value(objective, trainable, base, batch,
+                                 jax.random.fold_in(root_key(seed), train.PROBE_STREAM), w)
 
     def step_all(states, base, batch, seed, w, active, step):
         def one(s, b, sd, ww, a):
@@ -339,22 +320,15 @@ def train_group(members: Sequence[Member], pipeline: Pipeline, *, requested_runs
     w_dev = sharding.put(weights, stacked)
     seed_dev = sharding.put(np.asarray(seeds, np.int32), stacked)
 
-    def tokenize(prompts):
-        return text_to_image.tokenize(pipeline, prompts)
-
-    sources: dict[str, Any] = {}
+    sources: dict[tuple[str, int], anchor_store.AnchorSource] = {}
     loaders = []
     for m in (members[:1] if shared_data else members):
-        path = os.fspath(m.workdir.anchors_path)
-        if path not in sources:
-            sources[path] = anchor_store.open_anchors(m.workdir)
-        c = m.config
+        at = (os.fspath(m.workdir.anchors_path), int(m.config.anchors.num_images))  # a set, read to a count
+        if at not in sources:
+            sources[at] = anchor_store.open_anchors(m.workdir)
         # Every process builds the whole global batch and hands each device its slice, whatever the
         # layout of runs over processes.
-        loaders.append(AnchorBatches(sources[path], m.spec.concept, tokenize, seed=c.seed,
-                                     global_batch=c.train.batch_size, latent_factor=pipeline.vae_downsample,
-                                     flip=c.train.flip, rescale=c.train.rescale,
-                                     with_keep=config_lib.loss_config(c).needs_keep, misspell=float(c.robust.misspell)))
+        loaders.append(train.anchor_batches(m.workdir, pipeline, source=sources[at]))
 
     def device_batch(step: int) -> dict[str, jax.Array]:
         parts = [loader.batch(step) for loader in loaders]
@@ -366,7 +340,7 @@ def train_group(members: Sequence[Member], pipeline: Pipeline, *, requested_runs
     reference = sharding.to_host(ref_loss)
     probe_losses: list[dict[int, float]] = [{} for _ in members]
     failed: dict[int, str] = {}
-    writers = [_writer(m) for m in members]
+    writers = [train.metric_writer(m.workdir) for m in members]
     log.info("sweep: %d runs of %s (%s scalars each) in one program on a %s mesh; %s batches", n_runs,
              config.params, f"{selection.count(pipeline.params):,}", dict(mesh.shape),
              "shared" if shared_data else "per-run")
@@ -396,9 +370,8 @@ def train_group(members: Sequence[Member], pipeline: Pipeline, *, requested_runs
             continue
         m_host = {k: sharding.to_host(v) for k, v in metrics.items()}
         for r in sorted(set(log_now) | set(save_now)):
-            if int(m_host["nonfinite"][r]) > 0 or not np.isfinite(float(m_host["loss"][r])):
-                failed[r] = (f"the loss became NaN or infinite by step {done}; stopped without saving (last good "
-                             f"checkpoint: {last_good(r)}). Lower train.learning_rate or check the anchor images.")
+            if train.nonfinite(m_host["loss"][r], m_host["nonfinite"][r]):
+                failed[r] = train.nonfinite_message(done, last_good(r))
             final_loss[r] = float(m_host["loss"][r])
         for r in log_now:
             if r in failed:
@@ -411,12 +384,11 @@ def train_group(members: Sequence[Member], pipeline: Pipeline, *, requested_runs
             loss, finite = (sharding.to_host(v) for v in probe_fn(state["params"], base, probe_batch, seed_dev,
                                                                    w_dev))
             for r in save_now:
-                why = _diverged(float(loss[r]), bool(finite[r]), float(reference[r]),
-                                members[r].config.train.divergence_factor)
+                why = train.divergence(float(loss[r]), bool(finite[r]), float(reference[r]),
+                                       members[r].config.train.divergence_factor)
                 probe_losses[r][done] = float(loss[r])
                 if why:
-                    failed[r] = (f"training diverged by step {done}: {why}; stopped without saving (last good "
-                                 f"checkpoint: {last_good(r)}). Lower train.learning_rate or check the anchor images.")
+                    failed[r] = train.diverged_message(done, why, last_good(r))
                     continue
                 checkpointing.save(managers[r], done, take(state, r),
                                    {"step": done, "examples_seen": done * members[r].config.train.batch_size})
@@ -434,16 +406,6 @@ def train_group(members: Sequence[Member], pipeline: Pipeline, *, requested_runs
             log.error("%s: %s", m.name, failed[r])
         out.append(one)
     return out
-
-
-def _diverged(loss: float, finite: bool, reference: float, factor: float) -> str | None:
-    if not finite:
-        return "the parameters became NaN or infinite"
-    if not np.isfinite(loss):
-        return "the loss with the new parameters is NaN or infinite"
-    if loss > factor * max(reference, 1e-12):
-        return f"the loss with the new parameters is {loss:.3g}, over {factor:g} times its {reference:.3g} before training"
-    return None
 
 
 # ------------------------------------------------------------------------------------------------ the sweep

@@ -20,6 +20,7 @@ import os
 import re
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -203,6 +204,59 @@ def encode_chunks_for(requested: int, rows_per_device: int) -> int:
     return math.gcd(requested, rows_per_device)
 
 
+def update(objective: Callable[..., Any], tx: optax.GradientTransformation, state: dict[str, Any], base: Any, batch: dict[str, Any],
+           key: jax.Array, weights: dict[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One optimizer step of ``objective`` (see :func:`make_objective`) from ``state``, with the step's
+    draws from ``key``: ``(new state, metrics)``. A run's step and a sweep's (vmapped) both take it."""
+    (loss, terms), grads = jax.value_and_grad(objective, has_aux=True)(state["params"], base, batch, key, weights)
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    new_state = {
+        "step": state["step"] + 1,
+        "params": optax.apply_updates(state["params"], updates),
+        "opt_state": opt_state,
+    }
+    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
+               "nonfinite": opt_state.total_notfinite, **{f"loss_{k}": v for k, v in terms.items()}}
+    return new_state, metrics
+
+
+def probe_value(objective: Callable[..., Any], trainable: dict[str, Any], base: Any, batch: dict[str, Any], key: jax.Array,
+                weights: dict[str, Any] | None = None) -> tuple[jax.Array, jax.Array]:
+    """``(loss, all parameters finite)``: what :func:`divergence` judges before a checkpoint is saved."""
+    loss, _ = objective(trainable, base, batch, key, weights)
+    return loss, jnp.all(jnp.stack([jnp.all(jnp.isfinite(v)) for v in jax.tree.leaves(trainable)]))
+
+
+def divergence(loss: float, finite: bool, reference: float, factor: float) -> str | None:
+    """Why the parameters about to be saved must not be (probe ``loss`` against its ``reference`` before
+    training, at most ``factor`` times it), or None when they may."""
+    if not finite:
+        return "the parameters became NaN or infinite"
+    if not np.isfinite(loss):
+        return "the loss with the new parameters is NaN or infinite"
+    if loss > factor * max(reference, 1e-12):
+        return f"the loss with the new parameters is {loss:.3g}, over {factor:g} times its {reference:.3g} before training"
+    return None
+
+
+_STOPPED = "stopped without saving (last good checkpoint: {}). Lower train.learning_rate or check the anchor images."
+
+
+def diverged_message(step: int, why: str, last_good: str) -> str:
+    """Why a run stopped at a save: :func:`divergence`'s reason and the last checkpoint it left."""
+    return f"training diverged by step {step}: {why}; " + _STOPPED.format(last_good)
+
+
+def nonfinite_message(step: int, last_good: str) -> str:
+    """Why a run stopped when a step's loss or update was not finite."""
+    return f"the loss became NaN or infinite by step {step}; " + _STOPPED.format(last_good)
+
+
+def nonfinite(loss: float, skipped_updates: int) -> bool:
+    """A step's metrics show a NaN or infinite loss, or an update that ``apply_if_finite`` skipped."""
+    return int(skipped_updates) > 0 or not np.isfinite(float(loss))
+
+
 def make_train_step(pipeline: Pipeline, selection: params_lib.Selection, loss_cfg: losses.LossConfig,
                     tx: optax.GradientTransformation, *, seed: int, stop_sot_kv_grad: bool = True,
                     remat: str = "none", encode_chunks: int = 1, adversary: Adversary | None = None):
@@ -216,17 +270,7 @@ def make_train_step(pipeline: Pipeline, selection: params_lib.Selection, loss_cf
     root = jax.random.key(seed)
 
     def step(state, base, batch):
-        key = jax.random.fold_in(root, state["step"])
-        (loss, terms), grads = jax.value_and_grad(objective, has_aux=True)(state["params"], base, batch, key)
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        new_state = {
-            "step": state["step"] + 1,
-            "params": optax.apply_updates(state["params"], updates),
-            "opt_state": opt_state,
-        }
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
-                   "nonfinite": opt_state.total_notfinite, **{f"loss_{k}": v for k, v in terms.items()}}
-        return new_state, metrics
+        return update(objective, tx, state, base, batch, jax.random.fold_in(root, state["step"]))
 
     return step
 
@@ -249,9 +293,7 @@ def compiled_probe(pipeline: Pipeline, selection: params_lib.Selection, loss_cfg
     key = jax.random.fold_in(jax.random.key(seed), PROBE_STREAM)
 
     def probe(trainable, base, batch):
-        loss, _ = objective(trainable, base, batch, key)
-        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(v)) for v in jax.tree.leaves(trainable)]))
-        return loss, finite
+        return probe_value(objective, trainable, base, batch, key)
 
     return jax.jit(probe, out_shardings=sharding.replicated(mesh))
 
@@ -307,6 +349,31 @@ def loss_config(config: ml_collections.ConfigDict) -> losses.LossConfig:
     return config_lib.loss_config(config)
 
 
+def anchor_batches(workdir: Workdir, pipeline: Pipeline, *, source: anchor_store.AnchorSource | None = None,
+                   process_index: int = 0, process_count: int = 1) -> AnchorBatches:
+    """The run's training batches from its anchor set (``source``, when already open), as its config
+    says; this process's share of each global batch (the whole batch with the defaults)."""
+    config, concept = workdir.spec.config, workdir.spec.concept
+    t = config.train
+    return AnchorBatches(
+        source if source is not None else anchor_store.open_anchors(workdir), concept,
+        lambda p: text_to_image.tokenize(pipeline, p), seed=config.seed, global_batch=t.batch_size,
+        latent_factor=pipeline.vae_downsample, flip=t.flip, rescale=t.rescale,
+        with_keep=config_lib.loss_config(config).needs_keep, misspell=float(config.robust.misspell),
+        process_index=process_index, process_count=process_count,
+    )
+
+
+def metric_writer(workdir: Workdir) -> Any:
+    """The run's metric writer: ``WORKDIR/logs`` (TensorBoard, unless ``train.tensorboard`` is off) and the
+    log, on process 0; the log alone elsewhere."""
+    from clu import metric_writers  # noqa: PLC0415  (imports TensorFlow; only training needs it)
+
+    return metric_writers.create_default_writer(
+        os.fspath(workdir.path / "logs"),
+        just_logging=jax.process_index() > 0 or not workdir.spec.config.train.tensorboard)
+
+
 def train(ctx: RunContext, *, progress: bool = True) -> dict[str, Any]:
     """Trains to ``train.steps`` (resuming from the latest checkpoint) and returns a summary.
 
@@ -315,8 +382,6 @@ def train(ctx: RunContext, *, progress: bool = True) -> dict[str, Any]:
     ``train.divergence_factor`` times its value before training stop the run without saving, so
     every checkpoint on disk holds finite parameters that have not run away.
     """
-    from clu import metric_writers  # noqa: PLC0415  (imports TensorFlow; only training needs it)
-
     config, concept = ctx.spec.config, ctx.spec.concept
     pipeline, mesh, selection = ctx.pipeline, ctx.mesh, ctx.selection
     n_dev = mesh.devices.size
@@ -347,19 +412,14 @@ def train(ctx: RunContext, *, progress: bool = True) -> dict[str, Any]:
         log.info("training already reached step %d of %d; nothing to do", start, steps)
         return {"steps": start, "seconds": 0.0, "skipped": True, "trainable": selection.count(pipeline.params)}
 
-    data = AnchorBatches(
-        anchor_store.open_anchors(ctx.workdir), concept, lambda p: text_to_image.tokenize(pipeline, p),
-        seed=config.seed, global_batch=t.batch_size, latent_factor=pipeline.vae_downsample,
-        flip=t.flip, rescale=t.rescale, with_keep=loss_cfg.needs_keep, misspell=float(config.robust.misspell),
-        process_index=jax.process_index(), process_count=jax.process_count(),
-    )
+    data = anchor_batches(ctx.workdir, pipeline, process_index=jax.process_index(),
+                          process_count=jax.process_count())
     adversary = adversary_for(config, pipeline, concept)
     step_fn = compiled_train_step(pipeline, selection, loss_cfg, t.clip_norm, config.seed, config.stop_sot_kv_grad,
                                   mesh, t.remat, chunks, adversary)
     probe_fn = compiled_probe(pipeline, selection, loss_cfg, config.seed, config.stop_sot_kv_grad, t.remat, mesh,
                               chunks, adversary)
-    writer = metric_writers.create_default_writer(
-        os.fspath(ctx.workdir.path / "logs"), just_logging=jax.process_index() > 0 or not t.tensorboard)
+    writer = metric_writer(ctx.workdir)
     log.info("training %s (%s scalars) for %d steps, global batch %d on %d devices%s",
              config.params, f"{selection.count(pipeline.params):,}", steps, t.batch_size, n_dev,
              f" in {jax.process_count()} processes" if jax.process_count() > 1 else "")
@@ -386,24 +446,13 @@ def train(ctx: RunContext, *, progress: bool = True) -> dict[str, Any]:
     def check_saved(step: int) -> None:
         loss, finite = (sharding.to_host(v) for v in probe_fn(state["params"], base, probe_batch))
         loss = probe_losses[step] = float(loss)
-        why = None
-        if not bool(finite):
-            why = "the parameters became NaN or infinite"
-        elif not np.isfinite(loss):
-            why = "the loss with the new parameters is NaN or infinite"
-        elif loss > t.divergence_factor * max(reference, 1e-12):
-            why = (f"the loss with the new parameters is {loss:.3g}, over {t.divergence_factor:g} times its "
-                   f"{reference:.3g} before training")
+        why = divergence(loss, bool(finite), reference, t.divergence_factor)
         if why:
-            raise TrainError(f"training diverged by step {step}: {why}; stopped without saving (last good "
-                             f"checkpoint: {last_good()}). Lower train.learning_rate or check the anchor images.")
+            raise TrainError(diverged_message(step, why, last_good()))
 
     def check_metrics(metrics: dict[str, Any], step: int) -> None:
-        if int(metrics["nonfinite"]) > 0 or not np.isfinite(float(metrics["loss"])):
-            raise TrainError(
-                f"the loss became NaN or infinite by step {step}; stopped without saving "
-                f"(last good checkpoint: {last_good()}). Lower train.learning_rate or check the anchor images."
-            )
+        if nonfinite(metrics["loss"], metrics["nonfinite"]):
+            raise TrainError(nonfinite_message(step, last_good()))
 
     t0 = time.perf_counter()
     window_t, window_steps = time.perf_counter(), 0
