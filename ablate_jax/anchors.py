@@ -112,6 +112,8 @@ def generate_anchors(spec: config_lib.Spec | ml_collections.ConfigDict, workdir:
     """
     t0 = time.perf_counter()
     workdir = open_workdir(spec, workdir, ("anchors",))
+    if workdir.spec.several:
+        return _generate_each(workdir, pipeline, mesh, progress, t0)
     spec = workdir.spec
     config = spec.config
     out = workdir.anchors_path
@@ -174,6 +176,30 @@ def generate_anchors(spec: config_lib.Spec | ml_collections.ConfigDict, workdir:
                        resumed=len(done))
     log.info("%s", summary["message"])
     return summary
+
+
+def _generate_each(workdir: Workdir, pipeline: Pipeline | None, mesh: jax.sharding.Mesh | None, progress: bool,
+                   t0: float) -> dict[str, Any]:
+    """A run of several concepts: each concept's set in turn (:meth:`Workdir.parts`), the model loaded once."""
+    parts = {}
+    for label, part in zip(workdir.spec.labels, workdir.parts(), strict=True):
+        log.info("anchors of %s", label)
+        if pipeline is None and not _complete(part):
+            config = part.spec.config
+            pipeline = load_pipeline(part.spec.model_path, dtype=jnp.bfloat16 if config.dtype == "bfloat16" else None)
+        parts[label] = generate_anchors(part.spec, part, pipeline=pipeline, mesh=mesh, progress=progress)
+    keys = ("num_images", "dropped", "generated", "resumed_shards", "num_shards")
+    summary: dict[str, Any] = {k: sum(p[k] for p in parts.values()) for k in keys}
+    summary.update(seconds=time.perf_counter() - t0, skipped=all(p["skipped"] for p in parts.values()),
+                   path=os.fspath(workdir.path / "anchors"), parts=parts,
+                   message="; ".join(f"{label}: {p['message']}" for label, p in parts.items()))
+    return summary
+
+
+def _complete(workdir: Workdir) -> bool:
+    out = workdir.anchors_path
+    record = anchor_store.read_run(out) if out.is_dir() else None
+    return bool(record and record.get("complete"))
 
 
 def _summary(record: dict[str, Any], out: Any, plan: ShardPlan, *, seconds: float, skipped: bool, generated: int,

@@ -10,6 +10,7 @@ whose restored values do not match the checksums written with them is refused as
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -119,11 +120,13 @@ def abstract_state(tree: Any, shardings: Any) -> Any:
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
-def selection_for(config: ml_collections.ConfigDict, pipeline: Pipeline, concept: Concept) -> params_lib.Selection:
-    """What the config's parameter group trains on this pipeline."""
+def selection_for(config: ml_collections.ConfigDict, pipeline: Pipeline,
+                  concept: Concept | Sequence[Concept]) -> params_lib.Selection:
+    """What the config's parameter group trains on this pipeline (for ``embedding``: the target tokens of
+    the concept, or of every concept of a run of several)."""
     ids: list[int] = []
     if config.params == "embedding":
-        ids = params_lib.target_token_ids(pipeline.tokenizer, concept.targets, concept.anchor)
+        ids = params_lib.target_token_ids_of(pipeline.tokenizer, concept)
     return params_lib.selection(pipeline.params, config.params, ids)
 
 
@@ -141,7 +144,7 @@ def restore_ablated_params(workdir: Workdir, pipeline: Pipeline,
     if step is None:
         raise CheckpointError(f"no checkpoint in {checkpoints_dir(workdir.path)}; train first")
     spec = workdir.spec
-    sel = selection or selection_for(spec.config, pipeline, spec.concept)
+    sel = selection or selection_for(spec.config, pipeline, spec.concepts)
     trainable = sel.split(pipeline.params)
     # Replicated over every process's devices, then brought to the host: each process gets the
     # whole trained state, whatever layout (data parallel, fsdp) wrote it.

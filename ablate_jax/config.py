@@ -64,6 +64,11 @@ def base_config() -> ml_collections.ConfigDict:
     # Empty: the model family's neighbours of the target (on the toy world, the other values of the
     # target's attribute that are not preserved).
     c.concept.held_out = ""
+    # Several concepts removed from one model (docs/many-concepts.md): ';'-separated preset names, or in a
+    # config file a tuple whose entries are preset names or concept_fields(...) strings. Set, it
+    # replaces `concept` and `preserve.concepts`: each concept brings its own anchor, prompts,
+    # preservation list and evaluation sets.
+    c.concepts = ()
 
     c.params = "xattn_kv"  # xattn_kv | xattn | attn | full | embedding
     c.loss = "model_based"  # model_based | noise_based
@@ -284,14 +289,37 @@ class Spec:
     """A run as every stage sees it, built once by :func:`prepare` and handed from stage to stage.
 
     ``config`` is resolved and locked; ``family`` is the model family read from the model folder;
-    ``concept`` is built from the config for that family (docs/design.md, "Stages hand their results
-    forward").
+    ``concepts`` are built from the config for that family (docs/design.md, "Stages hand their results
+    forward"). A run that removes several concepts also has ``parts``: one spec per concept, each an
+    ordinary one-concept run of the same config, which the stages that work concept by concept
+    (anchors, evaluation, attacks) take in turn; training reads the whole spec.
     """
 
     config: ml_collections.ConfigDict
     family: families.Family
-    concept: concepts.Concept
+    concepts: tuple[concepts.Concept, ...]
     notes: Resolution
+    parts: tuple[Spec, ...] = ()
+    labels: tuple[str, ...] = ()
+
+    @property
+    def concept(self) -> concepts.Concept:
+        """The run's one concept; a run of several has none (its stages take :attr:`parts` in turn)."""
+        if len(self.concepts) != 1:
+            raise ConfigError(f"this stage takes one concept at a time, and the run removes {len(self.concepts)} "
+                              f"({', '.join(self.labels)}); give it one of the run's parts")
+        return self.concepts[0]
+
+    @property
+    def several(self) -> bool:
+        """Whether the run removes several concepts (``concepts`` in the config)."""
+        return bool(self.parts)
+
+    def each(self) -> tuple[tuple[str, Spec], ...]:
+        """``(label, spec)`` per concept: the parts of a run of several, else ``("", self)``."""
+        if not self.parts:
+            return (("", self),)
+        return tuple(zip(self.labels, self.parts, strict=True))
 
     @property
     def model_path(self) -> str:
@@ -320,8 +348,16 @@ def _check_choices(config: ml_collections.ConfigDict) -> None:
             raise ConfigError(f"{key} must be one of {', '.join(allowed)}, got {config[key]!r}")
 
 
-def resolution(config: ml_collections.ConfigDict, family: families.Family, concept: concepts.Concept) -> Resolution:
-    """The values :func:`prepare` fills in for ``family`` and ``concept``, and why."""
+def resolution(config: ml_collections.ConfigDict, family: families.Family,
+               concept: concepts.Concept | tuple[concepts.Concept, ...]) -> Resolution:
+    """The values :func:`prepare` fills in for ``family`` and the concept (or concepts), and why.
+
+    With several concepts, each sees as many training examples as it would alone (the family's
+    steps times their number); augmentation by rescaling is decided per concept by each part.
+    """
+    several = isinstance(concept, tuple) and len(concept) > 1
+    group = concept if isinstance(concept, tuple) else (concept,)
+    concept = group[0]
     _check_choices(config)
     where = family.title
     params, loss = config.params, config.loss
@@ -333,17 +369,24 @@ def resolution(config: ml_collections.ConfigDict, family: families.Family, conce
 
     lr, steps = family.schedule[params]
     fill("train.learning_rate", lr, f"{where}, {params}")
-    fill("train.steps", steps, f"{where}, {params}")
+    if several:
+        fill("train.steps", steps * len(group), f"{where}, {params}, {steps} per concept x {len(group)} concepts")
+    else:
+        fill("train.steps", steps, f"{where}, {params}")
     fill("anchors.num_images", family.anchor_count, where)
     fill("train.encode_chunks", family.encode_chunks, where)
     fill("prior_weight", 1.0 if params == "full" else 0.0,
          "full fine-tuning keeps the anchor prompts' noise prediction" if params == "full" else f"{params}")
-    fill("train.rescale", concept.kind != "memorization",
-         "a memorized image is removed as drawn" if concept.kind == "memorization" else f"{concept.kind} concept")
+    if several:
+        fill("train.rescale", any(c.kind != "memorization" for c in group),
+             "decided per concept: off for memorized images, on for the others")
+    else:
+        fill("train.rescale", concept.kind != "memorization",
+             "a memorized image is removed as drawn" if concept.kind == "memorization" else f"{concept.kind} concept")
     if _get(config, "preserve.weight") is None:
         weight, why = 0.0, f"{where}, {params}"
         own = family.preserve_weight(params, loss)
-        if not concept.preserve:
+        if not any(c.preserve for c in group):
             why = "the concept names nothing to preserve"
         elif config.teacher != "frozen":
             why = "an online teacher cannot hold the neighbours (the term would be zero)"
@@ -364,11 +407,103 @@ def prepare(config: ml_collections.ConfigDict | Spec) -> Spec:
     if isinstance(config, Spec):
         return config
     family = families.detect(config.model)
+    if config.concepts:
+        return _prepare_several(config, family)
     concept = concept_from_config(config, family)
     notes = resolution(config, family, concept) if not is_resolved(config) else Resolution(family.name, {})
     out = _filled(config, notes) if notes.values or not config.is_locked else config
     check(out, family, concept)
-    return Spec(out, family, concept, notes)
+    return Spec(out, family, (concept,), notes)
+
+
+def concept_fields(**fields: Any) -> str:
+    """One entry of ``concepts`` given by its fields (those of ``config.concept``, plus ``preserve``:
+    a ``;``-separated list or a tuple), for a config file: ``c.concepts = ("toy_smiley",
+    concept_fields(kind="instance", target="grumpy cat", anchor="cat", anchor_prompts="anchor_cat"))``."""
+    allowed = set(base_config().concept) | {"preserve"}
+    unknown = sorted(set(fields) - allowed)
+    if unknown:
+        raise ConfigError(f"concept_fields: unknown field {unknown[0]!r}; use {', '.join(sorted(allowed))}")
+    if isinstance(fields.get("preserve"), (tuple, list)):
+        fields["preserve"] = ";".join(fields["preserve"])
+    return json.dumps(fields, sort_keys=True)
+
+
+def _entry_fields(entry: str) -> dict[str, str]:
+    """A ``concepts`` entry as ``config.concept`` fields (plus ``preserve``): a preset name, or a JSON object."""
+    entry = entry.strip()
+    if not entry.startswith("{"):
+        return {"preset": entry}
+    try:
+        fields = json.loads(entry)
+    except ValueError as e:
+        raise ConfigError(f"concepts: the entry {entry!r} is neither a preset name nor a JSON object of fields") from e
+    allowed = set(base_config().concept) | {"preserve"}
+    unknown = sorted(set(fields) - allowed) if isinstance(fields, dict) else ["?"]
+    if unknown:
+        raise ConfigError(f"concepts: the entry {entry!r} has the unknown field {unknown[0]!r}; "
+                          f"use {', '.join(sorted(allowed))}")
+    return {k: str(v) for k, v in fields.items()}
+
+
+def _part_config(config: ml_collections.ConfigDict, entry: str) -> ml_collections.ConfigDict:
+    """The one-concept run of ``config`` for one ``concepts`` entry (unresolved, unlocked)."""
+    part = ml_collections.ConfigDict(config.to_dict(), type_safe=True)
+    part.concepts = ()
+    fields = _entry_fields(entry)
+    for key in ("preset", "kind", "target", "anchor", "anchor_prompts", "held_out"):
+        part.concept[key] = fields.get(key, "")
+    part.preserve.concepts = concepts.parse_targets(fields.get("preserve", ""))
+    # A part is never trained (the whole run is), and its concept may have nothing to preserve.
+    part.preserve.weight = 0.0
+    return part
+
+
+def label(concept: concepts.Concept, preset: str) -> str:
+    """A short name of a concept among several: its target set's name ("smiley"), else its first target."""
+    target = next((s.name for s in concept.eval_sets if s.role == "target"), "")
+    text = target or preset or concept.targets[0]
+    return "".join(ch if ch.isalnum() or ch in "_-" else "_" for ch in text.replace(" ", "_"))
+
+
+def _prepare_several(config: ml_collections.ConfigDict, family: families.Family) -> Spec:
+    """The spec of a run that removes every concept of ``config.concepts``.
+
+    Each concept becomes a part: the config with that concept alone, resolved on its own (its anchor
+    count, rescaling, evaluator; its anchors are those of the same concept removed alone). Across
+    the parts a target is never preserved: another concept's target leaves a part's preservation
+    list and its evaluation sets (it is measured as that concept's target). The whole config is
+    resolved for all of them together, and it is what training reads.
+    """
+    entries = tuple(e for e in config.concepts if e.strip())
+    if len(entries) < 2:
+        raise ConfigError(f"concepts names {len(entries)} concept(s); give two or more (one concept: concept=NAME)")
+    if tuple(config.preserve.concepts):
+        raise ConfigError("preserve.concepts applies to one concept; with several, give each its own list "
+                          "(its preset's, or a preserve field in concept_fields)")
+    specs = [prepare(_part_config(config, e)) for e in entries]
+    targets = {t.lower() for s in specs for t in s.concept.targets}
+    for s in specs:
+        if s.concept.anchor.lower() in targets:
+            raise ConfigError(f"concepts: the anchor {s.concept.anchor!r} of one concept is the target of another")
+    parts, names = [], []
+    for s, entry in zip(specs, entries, strict=True):
+        c = s.concept
+        others = {t.lower() for o in specs if o is not s for t in o.concept.targets}
+        keep = tuple(k for k in c.preserve if k.lower() not in others)
+        sets = tuple(e for e in c.eval_sets if e.role not in ("preserved", "surrounding")
+                     or (e.concept.lower() not in others and e.name.lower() not in others))
+        c = dataclasses.replace(c, preserve=keep, eval_sets=sets)
+        parts.append(Spec(s.config, s.family, (c,), s.notes))
+        names.append(label(c, _entry_fields(entry).get("preset", "")))
+    for i, n in enumerate(names):
+        if names.count(n) > 1:
+            names[i] = f"{n}{i + 1}"
+    group = tuple(p.concept for p in parts)
+    notes = resolution(config, family, group) if not is_resolved(config) else Resolution(family.name, {})
+    out = _filled(config, notes) if notes.values or not config.is_locked else config
+    check(out, family, group)
+    return Spec(out, family, group, notes, tuple(parts), tuple(names))
 
 
 def resolve(config: ml_collections.ConfigDict | Spec) -> ml_collections.ConfigDict:
@@ -390,8 +525,10 @@ def _filled(config: ml_collections.ConfigDict, notes: Resolution) -> ml_collecti
     return out
 
 
-def check(config: ml_collections.ConfigDict, family: families.Family, concept: concepts.Concept) -> None:
+def check(config: ml_collections.ConfigDict, family: families.Family,
+          concept: concepts.Concept | tuple[concepts.Concept, ...]) -> None:
     """The checks that need no model weights and no files: values in range, and choices that fit together."""
+    group = concept if isinstance(concept, tuple) else (concept,)
     t = config.train
 
     def positive(key: str, value: float, *, integer: bool = False) -> None:
@@ -449,7 +586,7 @@ def check(config: ml_collections.ConfigDict, family: families.Family, concept: c
         raise ConfigError(f"eval.clip={config.eval.clip!r} would score {config.model} with the {owner.title}'s "
                           f"evaluator; set --config.eval.clip to a CLIP folder or hub id such as "
                           f"{families.REAL_EVALUATOR}")
-    if config.preserve.weight > 0 and not concept.preserve:
+    if config.preserve.weight > 0 and not any(c.preserve for c in group):
         raise ConfigError(f"preserve.weight={config.preserve.weight:g} but the concept names nothing to preserve; "
                           "set preserve.concepts (e.g. preserve.concepts=tabby cat;siamese cat) or preserve.weight=0")
     try:
@@ -636,8 +773,10 @@ def fingerprint(config: ml_collections.ConfigDict, *keys: str) -> dict[str, Any]
 
 
 # Sections whose feature is off by default, fingerprinted only when it is on.
-OFF_UNLESS_USED = {"robust": lambda c: bool(c.robust.adversarial or c.robust.misspell)}
-ANCHOR_KEYS = ("model", "seed", "concept", "anchors.num_images", "anchors.sampler", "anchors.steps",
+OFF_UNLESS_USED = {"robust": lambda c: bool(c.robust.adversarial or c.robust.misspell),
+                   # A run of several concepts is defined by its list, and its `concept` section is unused.
+                   "concepts": lambda c: bool(c.concepts), "concept": lambda c: not c.concepts}
+ANCHOR_KEYS = ("model", "seed", "concept", "concepts", "anchors.num_images", "anchors.sampler", "anchors.steps",
                "anchors.guidance", "anchors.eta", "anchors.shard_size")
 # What the trained parameters depend on (checkpoints and the export record it).
 TRAIN_KEYS = ANCHOR_KEYS + (

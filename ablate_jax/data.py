@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ablate_jax.concepts import Concept, misspellings, random_misspelling, replace_word, target_word
+from ablate_jax.concepts import Concept, misspellings, random_misspelling, replace_word, target_word, word_pattern
 
 FAR_PREFIXES = ("a far away ", "very small ")
 NEAR_PREFIXES = ("zoomed in ", "close up ")
@@ -74,12 +74,23 @@ def _resize(x: np.ndarray, size: int) -> np.ndarray:
 
 
 class AnchorBatches:
-    """Training batches built from an anchor source (``len()`` and ``[i] -> {"image", "prompt"}``)."""
+    """Training batches built from an anchor source (``len()`` and ``[i] -> {"image", "prompt"}``).
+
+    Several concepts removed at once: ``source`` and ``concept`` are sequences, one anchor source per
+    concept, and each example's prompts are built by its own concept. The concepts take turns
+    (example ``k`` is concept ``k mod C``, through that concept's own permutation of its records), so
+    each has an equal share of every batch, up to one row, whatever its anchor count. A record whose
+    prompt names another concept's target is left out ("a smiley on a plain background", an anchor
+    of the striped style, would otherwise train the smiley to stay); :attr:`left_out` counts them per
+    concept. A concept with nothing to preserve contributes no preservation example: its rows get
+    ``keep_weight`` 0 (its keep prompt is its anchor prompt). Rescaling never applies to a memorized
+    image's anchors, which are removed as drawn.
+    """
 
     def __init__(
         self,
         source: Any,
-        concept: Concept,
+        concept: Concept | Sequence[Concept],
         tokenize: Callable[[Sequence[str]], np.ndarray],
         *,
         seed: int,
@@ -92,55 +103,100 @@ class AnchorBatches:
         process_index: int = 0,
         process_count: int = 1,
     ) -> None:
-        if len(source) == 0:
+        self.several = not isinstance(concept, Concept)
+        self.concepts: tuple[Concept, ...] = tuple(concept) if self.several else (concept,)  # type: ignore[arg-type]
+        self.sources = tuple(source) if self.several else (source,)
+        if len(self.sources) != len(self.concepts):
+            raise ValueError(f"{len(self.concepts)} concepts need as many anchor sources, got {len(self.sources)}")
+        if any(len(s) == 0 for s in self.sources):
             raise ValueError("the anchor dataset is empty")
         if global_batch % process_count:
             raise ValueError(f"train.batch_size {global_batch} is not a multiple of the process count {process_count}")
-        if with_keep and not concept.preserve:
+        if with_keep and not any(c.preserve for c in self.concepts):
             raise ValueError("preserve.weight > 0 but the concept names no concept to preserve (preserve.concepts)")
-        self.source, self.concept, self.tokenize = source, concept, tokenize
+        # The one dataset the concepts' records form: (concept, record) per entry.
+        self.entries = np.asarray([(c, r) for c, s in enumerate(self.sources) for r in range(len(s))
+                                   if not self.several or not self._names_another_target(c, s[r]["prompt"])],
+                                  dtype=np.int64).reshape(-1, 2)
+        self.left_out = {c.target: len(s) - int(np.sum(self.entries[:, 0] == i))
+                         for i, (c, s) in enumerate(zip(self.concepts, self.sources, strict=True))}
+        empty = [t for i, t in enumerate(self.left_out) if not np.any(self.entries[:, 0] == i)]
+        if empty:
+            raise ValueError(f"every anchor image of {empty[0]!r} names another concept's target; give it anchor "
+                             "prompts that do not")
+        self.by_concept = [self.entries[self.entries[:, 0] == i, 1] for i in range(len(self.concepts))]
+        self.concept, self.tokenize = self.concepts[0], tokenize
         self.seed, self.global_batch, self.latent_factor = seed, global_batch, latent_factor
         self.flip, self.rescale, self.with_keep = flip, rescale, with_keep
         # Robust ablation's augmentation: a fraction of target prompts misspell the target's word,
         # never as the misspelling attack does (those variants stay unseen).
         self.misspell = misspell
-        self.word = target_word(concept.targets, concept.anchor)
-        self.attack_variants = tuple(misspellings(self.word, extended=True).values())
+        self.words = tuple(target_word(c.targets, c.anchor) for c in self.concepts)
+        self.attack_variants = tuple(tuple(misspellings(w, extended=True).values()) for w in self.words)
+        # Whether a keep weight per row is needed: only when some concept has nothing to preserve.
+        self.keep_weights = with_keep and not all(c.preserve for c in self.concepts)
         self.local_batch = global_batch // process_count
         self.offset = process_index * self.local_batch
 
     def __len__(self) -> int:
-        return len(self.source)
+        return len(self.entries)
 
-    @functools.lru_cache(maxsize=4)  # noqa: B019  (a few epochs' permutations; the object lives for the run)
-    def _permutation(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, 1, epoch]).permutation(len(self.source))
+    def _names_another_target(self, c: int, prompt: str | bytes) -> bool:
+        """Whether an anchor prompt of concept ``c`` names another concept's target: its example would
+        teach that target to stay (the teacher draws it), so it is left out of a run of several."""
+        if not hasattr(self, "_others"):
+            self._others = [[word_pattern(t) for j, o in enumerate(self.concepts) if j != i for t in o.targets]
+                            for i in range(len(self.concepts))]
+        text = prompt.decode("utf-8") if isinstance(prompt, bytes) else prompt
+        return any(p.search(text) for p in self._others[c])
+
+    @functools.lru_cache(maxsize=16)  # noqa: B019  (a few epochs' permutations; the object lives for the run)
+    def _permutation(self, epoch: int, concept: int | None = None) -> np.ndarray:
+        if concept is None:
+            return np.random.default_rng([self.seed, 1, epoch]).permutation(len(self))
+        return np.random.default_rng([self.seed, 1, epoch, concept]).permutation(len(self.by_concept[concept]))
 
     def example(self, k: int) -> dict[str, Any]:
-        """Global example ``k``: the augmented image, its mask and its prompts."""
-        n = len(self.source)
-        record = self.source[int(self._permutation(k // n)[k % n])]
+        """Global example ``k``: the augmented image, its mask, its prompts and (several concepts) which concept."""
+        n = len(self)
+        if self.several:
+            # Concepts take turns (example k is concept k mod C), each through its own permutation
+            # of its records: every concept gets 1/C of the examples, whatever its anchor count.
+            c, j = k % len(self.concepts), k // len(self.concepts)
+            mine = self.by_concept[c]
+            r = int(mine[int(self._permutation(j // len(mine), c)[j % len(mine)])])
+        else:
+            c, r = (int(v) for v in self.entries[int(self._permutation(k // n)[k % n])])
+        concept = self.concepts[c]
+        record = self.sources[c][r]
         prompt = record["prompt"]
         if isinstance(prompt, bytes):
             prompt = prompt.decode("utf-8")
         rng = np.random.default_rng([self.seed, 2, k])
-        image, mask, prefix = augment(np.asarray(record["image"]), rng, flip=self.flip, rescale=self.rescale,
+        rescale = self.rescale and not (self.several and concept.kind == "memorization")
+        image, mask, prefix = augment(np.asarray(record["image"]), rng, flip=self.flip, rescale=rescale,
                                       latent_factor=self.latent_factor)
-        target = self.concept.target_prompt(prompt, k)
+        target = concept.target_prompt(prompt, k)
         if self.misspell:
             # A stream of its own, so turning this on leaves every other draw of the run unchanged.
             mrng = np.random.default_rng([self.seed, 3, k])
             if mrng.random() < self.misspell:
-                target = replace_word(target, self.word, random_misspelling(self.word, mrng, self.attack_variants))
+                word = self.words[c]
+                target = replace_word(target, word, random_misspelling(word, mrng, self.attack_variants[c]))
         out = {
             "image": image,
             "mask": mask,
             "target": prefix + target,
             "anchor": prefix + prompt,
+            "concept": c,
         }
         if self.with_keep:
-            keep = self.concept.preserve[k % len(self.concept.preserve)]
-            out["keep"] = prefix + self.concept.keep_prompt(prompt, keep, k)
+            if concept.preserve:
+                keep = concept.preserve[k % len(concept.preserve)]
+                out["keep"] = prefix + concept.keep_prompt(prompt, keep, k)
+            else:
+                out["keep"] = prefix + prompt
+            out["keep_weight"] = 1.0 if concept.preserve else 0.0
         return out
 
     def batch(self, step: int) -> dict[str, np.ndarray]:
@@ -155,6 +211,8 @@ class AnchorBatches:
         }
         if self.with_keep:
             out["keep_ids"] = self.tokenize([e["keep"] for e in examples])
+        if self.keep_weights:
+            out["keep_weight"] = np.asarray([e["keep_weight"] for e in examples], np.float32)
         return out
 
     def prompts(self, step: int) -> list[tuple[str, str]]:

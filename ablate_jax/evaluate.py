@@ -18,6 +18,7 @@ and a before/after grid per set (rendering and the schema are in :mod:`ablate_ja
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import sys
@@ -134,12 +135,17 @@ def set_prompts(eval_set: concepts.EvalSet, n: int) -> list[str]:
     return [eval_set.prompts[j % len(eval_set.prompts)] for j in range(n)]
 
 
-def _select_sets(concept: concepts.Concept, names: str, extra: Sequence[concepts.EvalSet]) -> list[concepts.EvalSet]:
+def _select_sets(concept: concepts.Concept, names: str, extra: Sequence[concepts.EvalSet], *,
+                 allow_none: bool = False) -> list[concepts.EvalSet]:
+    """The sets ``names`` picks (all when empty), then ``extra``; ``allow_none``: a concept of a run of
+    several that ``eval.sets`` picks nothing of is left out."""
     available = {s.name: s for s in concept.eval_sets}
     wanted = [n.strip() for n in names.split(";") if n.strip()]
     unknown = [n for n in wanted if n not in available]
     if unknown:
         raise EvalError(f"unknown evaluation set {unknown[0]!r}; the concept has {', '.join(available) or 'none'}")
+    if allow_none and not wanted:
+        return []
     sets = [available[n] for n in wanted] if wanted else list(concept.eval_sets)
     for s in extra:
         if s.role not in concepts.ROLES:
@@ -216,7 +222,7 @@ def _memorization_entry(method: str, threshold: float, sets: list[str],
 
 def _attack_entries(spec: Spec, kinds: Sequence[str], pipeline: Pipeline, models: Mapping[str, Any],
                     mesh: jax.sharding.Mesh, clip: CLIP, success: Any, n: int, batch: int, stage: Any,
-                    progress: bool) -> dict[str, Any]:
+                    progress: bool, prefix: str = "") -> dict[str, Any]:
     """Runs the attacks against every model, draws ``n`` images of each with held-out seeds and scores them."""
     config = spec.config
     t0 = time.perf_counter()
@@ -235,7 +241,7 @@ def _attack_entries(spec: Spec, kinds: Sequence[str], pipeline: Pipeline, models
                 emb[m] = image_embeddings(clip, images[m])
             rate = {m: success(images[m], emb[m], emb["base"]) for m in per_model}
             first = next(iter(per_model.values()))
-            out[name] = {"kind": first.kind, "n_images": n, "success_rate": _pair(rate["base"], rate.get("ablated")),
+            out[prefix + name] = {"kind": first.kind, "n_images": n, "success_rate": _pair(rate["base"], rate.get("ablated")),
                          "detail": {m: a.detail for m, a in per_model.items()},
                          "prompt": prompts.get("ablated", prompts["base"])[0]}
             if stage is not None:
@@ -243,7 +249,7 @@ def _attack_entries(spec: Spec, kinds: Sequence[str], pipeline: Pipeline, models
                 captions = [pb if pb == pa else f"base: {pb} | ablated: {pa}"
                             for pb, pa in zip(prompts["base"], prompts.get("ablated", prompts["base"]), strict=True)]
                 grid = before_after_grid(images["base"], images.get("ablated"), captions, int(config.eval.grid_columns))
-                grid.save(stage / grid_filename(f"attack_{name}"))
+                grid.save(stage / grid_filename(f"attack_{prefix}{name}"))
     finally:
         bar.close()
     log.info("attacks: %d run and scored in %.1f s", len(out), time.perf_counter() - t0)
@@ -273,17 +279,25 @@ def evaluate_run(
     them (``eval.sets`` does not filter them). ``attack_kinds`` (default: ``eval.attacks``) are then
     run against every model and scored (:mod:`ablate_jax.attacks`). ``base_images``: a dict the base
     model's images are kept in and taken from, shared by evaluations of one pipeline (a sweep's runs
-    draw each set's base images once). Returns the report (schema in :mod:`ablate_jax.report`);
+    draw each set's base images once). A run of several concepts evaluates each concept's sets (and
+    attacks) in turn, against that concept's own anchor and neighbours, into one report whose set
+    and attack names are ``LABEL.NAME``. Returns the report (schema in :mod:`ablate_jax.report`);
     the files appear only once everything is measured, so a failed evaluation leaves the previous ones.
     """
     start = time.perf_counter()
     spec = prepare(spec)
-    config, concept = spec.config, spec.concept
+    config = spec.config
     if not base_only and ablated_params is None:
         raise EvalError("no ablated parameters to evaluate; pass ablated_params or base_only=True")
+    if extra_sets and spec.several:
+        raise EvalError("extra_sets belong to one concept; evaluate a run of several concepts by its own sets")
     n = _check_settings(config, base_only)
     e = config.eval
-    sets = _select_sets(concept, e.sets, extra_sets)
+    wanted_names = [x.strip() for x in e.sets.split(";") if x.strip()]
+    chosen = [(label, part, _select_sets(part.concept, _names_of(wanted_names, label), extra_sets,
+                                         allow_none=bool(label and wanted_names)))
+              for label, part in spec.each()]
+    chosen = [(label, part, sets) for label, part, sets in chosen if sets]
     cfg = eval_sampling(config)
     if pipeline is None:
         pipeline = load_pipeline(spec.model_path, dtype=jnp.bfloat16 if config.dtype == "bfloat16" else None)
@@ -292,84 +306,47 @@ def evaluate_run(
     n_dev = mesh.devices.size
     # One compiled batch shape for every call, no larger than a set needs.
     batch = min(sharding.round_up(int(e.batch_size), n_dev), sharding.round_up(n, n_dev))
-
     kinds = attack_kinds_of(config.eval.attacks) if attack_kinds is None else tuple(attack_kinds)
-    phrase = spec.evaluator_family.evaluator_phrase
-    target_concept = next((s.concept for s in concept.eval_sets if s.role == "target"), concept.targets[0])
-    # What an attack's image may be read as: the target, the anchor or one of the concept's neighbours.
-    readings = list(dict.fromkeys([target_concept, concept.anchor, *(
-        s.concept for s in concept.eval_sets if s.role in ("preserved", "surrounding"))]))
-    wanted = list(dict.fromkeys([concept.anchor, concept.targets[0], *readings, *(s.concept for s in sets)]))
-    text = dict(zip(wanted, text_embeddings(clip, [concept_text(phrase(c)) for c in wanted]), strict=True))
-
     models = {"base": pipeline.params} if base_only else {"base": pipeline.params, "ablated": ablated_params}
-    memorizing = concept.kind == "memorization"
-    if memorizing:
-        mem_method, mem_threshold, similarity = memorization.eval_detector(spec, clip)
-        mem_sim: dict[str, list[np.ndarray]] = {m: [] for m in models}
-        mem_sets: list[str] = []
 
     write = jax.process_index() == 0  # every process computes; one writes
     eval_dir = storage.path(workdir) / "eval"
     # Grids are drawn into a local staging folder and moved into eval/ once the report is whole.
     cleanup = contextlib.ExitStack()
     stage = cleanup.enter_context(storage.staging(storage.path(workdir), ".eval-")) if write else None
-    gen_bar = tqdm(total=len(sets) * len(models) * n, desc="generating", unit="img", disable=not progress or not write)
-    score_bar = tqdm(total=len(sets), desc="scoring", unit="set", disable=not progress or not write)
+    total_sets = sum(len(sets) for _, _, sets in chosen)
+    gen_bar = tqdm(total=total_sets * len(models) * n, desc="generating", unit="img", disable=not progress or not write)
+    score_bar = tqdm(total=total_sets, desc="scoring", unit="set", disable=not progress or not write)
+    run = _ConceptEval(pipeline=pipeline, clip=clip, mesh=mesh, models=models, cfg=cfg, batch=batch, n=n,
+                       stage=stage, gen_bar=gen_bar, score_bar=score_bar, base_images=base_images,
+                       progress=progress and write)
     try:
         report_sets: dict[str, Any] = {}
-        for s in sets:
-            prompts = set_prompts(s, n)
-            key = set_key(config.seed, s.name)
-            images, emb = {}, {}
-            for m, params in models.items():
-                gen_bar.set_postfix_str(f"{s.name}, {m}")
-                # The base model's images depend only on these; runs of a sweep that share them draw them once.
-                shared = (s.name, tuple(prompts), int(config.seed), cfg, batch) if m == "base" else None
-                if base_images is not None and shared in base_images:
-                    images[m] = base_images[shared]
-                    gen_bar.update(len(prompts))
-                    continue
-                images[m] = _draw(pipeline, params, prompts, key, cfg, batch, mesh, gen_bar)
-                if base_images is not None and shared is not None:
-                    base_images[shared] = images[m]
-            for m in models:
-                emb[m] = image_embeddings(clip, images[m])
-            report_sets[s.name] = _measure_set(s, emb, text, concept, config, n)
-            if memorizing and s.role == "target":
-                mem_sets.append(s.name)
-                for m in models:
-                    mem_sim[m].append(np.asarray(similarity(images[m], emb[m], emb["base"]), np.float64))
-            if stage is not None:
-                grid = before_after_grid(images["base"], images.get("ablated"), prompts, int(e.grid_columns))
-                grid.save(stage / grid_filename(s.name))
-            score_bar.update(1)
+        memorized: dict[str, Any] = {}
+        attacked: dict[str, Any] = {}
+        for label, part, sets in chosen:
+            got = run.concept(part, sets, label, kinds)
+            report_sets.update(got["sets"])
+            if "memorization" in got:
+                memorized[label] = got["memorization"]
+            attacked.update(got.get("attacks", {}))
         gen_bar.close()
         score_bar.close()
 
-        report: dict[str, Any] = {
-            "concept": {"kind": concept.kind, "targets": list(concept.targets), "anchor": concept.anchor,
-                        "preserve": list(concept.preserve), "preset": config.concept.preset},
-            "settings": {"model": str(config.model), "clip": str(e.clip), "seed": int(config.seed), "num_images": n,
-                         "sampler": cfg.sampler, "steps": cfg.num_steps, "guidance": float(cfg.guidance_scale),
-                         "eta": float(cfg.eta), "base_only": bool(base_only)},
-            "sets": report_sets,
-        }
-        if memorizing:
-            report["memorization"] = _memorization_entry(mem_method, mem_threshold, mem_sets, mem_sim)
+        report: dict[str, Any] = {}
+        if spec.several:
+            report["concepts"] = [{"label": label, **_concept_entry(part)} for label, part in spec.each()]
+        else:
+            report["concept"] = _concept_entry(spec)
+        report["settings"] = {"model": str(config.model), "clip": str(e.clip), "seed": int(config.seed),
+                              "num_images": n, "sampler": cfg.sampler, "steps": cfg.num_steps,
+                              "guidance": float(cfg.guidance_scale), "eta": float(cfg.eta),
+                              "base_only": bool(base_only)}
+        report["sets"] = report_sets
+        if memorized:
+            report["memorization"] = memorized if spec.several else memorized[""]
         if kinds:
-            classes = np.stack([text[c] for c in readings])
-
-            def success(images: np.ndarray, emb: np.ndarray, base_emb: np.ndarray) -> float:
-                # Memorized images are recognised by the memorization measure; a concept by the evaluator
-                # reading the image as the target rather than the anchor or any neighbour of the concept
-                # (a face that is a preserved frowny does not count as a smiley).
-                if memorizing:
-                    return float(np.mean(np.asarray(similarity(images, emb, base_emb)) > mem_threshold))
-                return float(np.mean(zero_shot(emb, classes) == 0))
-
-            report["attacks"] = _attack_entries(spec, kinds, pipeline, models, mesh, clip, success, n, batch, stage,
-                                                progress and write)
+            report["attacks"] = attacked
         report["timing_s"] = {"eval": time.perf_counter() - start}
         check_report(report)
         if stage is not None:
@@ -382,6 +359,104 @@ def evaluate_run(
         gen_bar.close()
         score_bar.close()
         cleanup.close()
+
+
+def _names_of(names: Sequence[str], label: str) -> str:
+    """The ``eval.sets`` names that belong to one concept of a run of several (``LABEL.SET`` -> ``SET``)."""
+    if not label:
+        return ";".join(names)
+    return ";".join(x[len(label) + 1 :] for x in names if x.startswith(label + "."))
+
+
+def _concept_entry(spec: Spec) -> dict[str, Any]:
+    c = spec.concept
+    return {"kind": c.kind, "targets": list(c.targets), "anchor": c.anchor, "preserve": list(c.preserve),
+            "preset": spec.config.concept.preset}
+
+
+@dataclasses.dataclass
+class _ConceptEval:
+    """What the concepts of one evaluation share: the models, the evaluator, the sampling and the bars."""
+
+    pipeline: Pipeline
+    clip: CLIP
+    mesh: jax.sharding.Mesh
+    models: Mapping[str, Any]
+    cfg: SamplingConfig
+    batch: int
+    n: int
+    stage: Any
+    gen_bar: Any
+    score_bar: Any
+    base_images: dict[Any, np.ndarray] | None
+    progress: bool
+
+    def concept(self, spec: Spec, sets: Sequence[concepts.EvalSet], label: str,
+                kinds: Sequence[str]) -> dict[str, Any]:
+        """One concept's sets (and attacks) measured: ``{"sets", "memorization"?, "attacks"?}``, names
+        prefixed ``LABEL.`` for a concept among several. A set's images are keyed by its own name, so
+        they are the images the same concept removed alone is measured on."""
+        config, concept = spec.config, spec.concept
+        models, n = self.models, self.n
+        prefix = f"{label}." if label else ""
+        phrase = spec.evaluator_family.evaluator_phrase
+        target_concept = next((s.concept for s in concept.eval_sets if s.role == "target"), concept.targets[0])
+        # What an attack's image may be read as: the target, the anchor or one of the concept's neighbours.
+        readings = list(dict.fromkeys([target_concept, concept.anchor, *(
+            s.concept for s in concept.eval_sets if s.role in ("preserved", "surrounding"))]))
+        wanted = list(dict.fromkeys([concept.anchor, concept.targets[0], *readings, *(s.concept for s in sets)]))
+        text = dict(zip(wanted, text_embeddings(self.clip, [concept_text(phrase(c)) for c in wanted]), strict=True))
+        memorizing = concept.kind == "memorization"
+        if memorizing:
+            mem_method, mem_threshold, similarity = memorization.eval_detector(spec, self.clip)
+            mem_sim: dict[str, list[np.ndarray]] = {m: [] for m in models}
+            mem_sets: list[str] = []
+        report_sets: dict[str, Any] = {}
+        for s in sets:
+            prompts = set_prompts(s, n)
+            key = set_key(config.seed, s.name)
+            images, emb = {}, {}
+            for m, params in models.items():
+                self.gen_bar.set_postfix_str(f"{prefix}{s.name}, {m}")
+                # The base model's images depend only on these; runs of a sweep that share them draw them once.
+                shared = (s.name, tuple(prompts), int(config.seed), self.cfg, self.batch) if m == "base" else None
+                if self.base_images is not None and shared in self.base_images:
+                    images[m] = self.base_images[shared]
+                    self.gen_bar.update(len(prompts))
+                    continue
+                images[m] = _draw(self.pipeline, params, prompts, key, self.cfg, self.batch, self.mesh, self.gen_bar)
+                if self.base_images is not None and shared is not None:
+                    self.base_images[shared] = images[m]
+            for m in models:
+                emb[m] = image_embeddings(self.clip, images[m])
+            entry = _measure_set(s, emb, text, concept, config, n)
+            report_sets[prefix + s.name] = {**entry, "group": label} if label else entry
+            if memorizing and s.role == "target":
+                mem_sets.append(prefix + s.name)
+                for m in models:
+                    mem_sim[m].append(np.asarray(similarity(images[m], emb[m], emb["base"]), np.float64))
+            if self.stage is not None:
+                grid = before_after_grid(images["base"], images.get("ablated"), prompts, int(config.eval.grid_columns))
+                grid.save(self.stage / grid_filename(prefix + s.name))
+            self.score_bar.update(1)
+        out: dict[str, Any] = {"sets": report_sets}
+        if memorizing:
+            out["memorization"] = _memorization_entry(mem_method, mem_threshold, mem_sets, mem_sim)
+        if kinds:
+            classes = np.stack([text[c] for c in readings])
+
+            def success(images: np.ndarray, emb: np.ndarray, base_emb: np.ndarray) -> float:
+                # Memorized images are recognised by the memorization measure; a concept by the evaluator
+                # reading the image as the target rather than the anchor or any neighbour of the concept
+                # (a face that is a preserved frowny does not count as a smiley).
+                if memorizing:
+                    return float(np.mean(np.asarray(similarity(images, emb, base_emb)) > mem_threshold))
+                return float(np.mean(zero_shot(emb, classes) == 0))
+
+            found = _attack_entries(spec, kinds, self.pipeline, models, self.mesh, self.clip, success, n, self.batch,
+                                    self.stage, self.progress, prefix)
+            out["attacks"] = {name: {**a, "group": label} if label else a for name, a in found.items()}
+        return out
 
 
 # ------------------------------------------------------------------------------------------------ command line

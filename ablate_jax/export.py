@@ -482,7 +482,7 @@ def export_run(spec: config_lib.Spec | ml_collections.ConfigDict, workdir: str |
 
     if pipeline is None:
         pipeline = loading.load_pipeline(spec.model_path)
-    selection = selection or checkpointing.selection_for(config, pipeline, spec.concept)
+    selection = selection or checkpointing.selection_for(config, pipeline, spec.concepts)
     if ablated_params is None:
         ablated_params = checkpointing.restore_ablated_params(wd, pipeline, selection)
     trained = _trained_values(selection, ablated_params)
@@ -507,7 +507,7 @@ def export_run(spec: config_lib.Spec | ml_collections.ConfigDict, workdir: str |
             # Built in a local folder, then put in place whole: a rename locally; on a bucket an
             # upload with export.json last, whose presence marks the export complete.
             with storage.staging(root, EXPORT_DIR + ".tmp-") as tmp:
-                record = _write_export(tmp, config, pipeline, selection, spec.concept, trained, fingerprint, step,
+                record = _write_export(tmp, config, pipeline, selection, spec.concepts, trained, fingerprint, step,
                                        trained_hash)
                 _make_readable(tmp)
                 storage.replace_dir(tmp, final, last=RECORD_FILE)
@@ -546,7 +546,7 @@ def _make_readable(folder: Path) -> None:
 
 
 def _write_export(out: Path, config: ml_collections.ConfigDict, pipeline: loading.Pipeline,
-                  selection: params_lib.Selection, concept: Any, trained: Mapping[str, np.ndarray],
+                  selection: params_lib.Selection, removed: Sequence[Any], trained: Mapping[str, np.ndarray],
                   fingerprint: Mapping[str, Any], step: int | None, trained_hash: str) -> dict[str, Any]:
     source = loading.resolve_path(pipeline.path)
     # Canonical PyTorch names of the trained tensors, grouped by component.
@@ -582,7 +582,9 @@ def _write_export(out: Path, config: ml_collections.ConfigDict, pipeline: loadin
     if missing:
         raise ExportError(f"the source model {source} has no component folder {sorted(missing)[0]}/")
 
-    concept_info = {"kind": concept.kind, "targets": list(concept.targets), "anchor": concept.anchor}
+    infos = [{"kind": c.kind, "targets": list(c.targets), "anchor": c.anchor} for c in removed]
+    # One concept: its fields; several (one delta removes them all): the list of them.
+    concept_info: dict[str, Any] = infos[0] if len(infos) == 1 else {"concepts": infos}
     if selection.rows:
         concept_info["token_ids"] = list(selection.rows)
     meta = {

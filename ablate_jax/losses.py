@@ -79,8 +79,13 @@ def ablation_loss(
     cfg: LossConfig,
     teacher_anchor: jax.Array | None = None,
     weights: Mapping[str, jax.Array] | None = None,
+    keep_weight: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The total loss and its terms.
+
+    ``keep_weight`` ``[B]``: which rows the preservation term counts (0 or 1; all when None), for a
+    batch that mixes concepts of which some have nothing to preserve; the others still count in
+    its mean as zero error.
 
     ``weights``: values (``prior``, ``preserve``, ``adversarial``) that replace ``cfg``'s weights as
     multipliers, for a sweep whose runs differ in them (:mod:`ablate_jax.sweep`); which terms exist
@@ -144,6 +149,12 @@ def ablation_loss(
         terms["prior"] = masked_mse(pred["prior"], regress_target, mask)
         total = total + weight["prior"] * terms["prior"]
     if cfg.preserve_weight > 0:
-        terms["preserve"] = masked_mse(pred["keep"], teacher_pred["keep"], mask)
+        kept, reference = pred["keep"], teacher_pred["keep"]
+        if keep_weight is not None:
+            # Rows left out count as zero error in the mean over every row, so the loss of a batch that
+            # mixes concepts is the sum of each concept's loss alone weighted by its share of the rows.
+            w = keep_weight[:, None, None, None].astype(kept.dtype)
+            kept, reference = kept * w, reference * w
+        terms["preserve"] = masked_mse(kept, reference, mask)
         total = total + weight["preserve"] * terms["preserve"]
     return total, terms

@@ -152,6 +152,15 @@ def target_token_ids(tokenizer: Any, targets: Sequence[str], anchor: str) -> lis
     return ids
 
 
+def target_token_ids_of(tokenizer: Any, concept: Any) -> list[int]:
+    """:func:`target_token_ids` of one concept, or of several together (each against its own anchor)."""
+    group = concept if isinstance(concept, (tuple, list)) else (concept,)
+    ids: list[int] = []
+    for c in group:
+        ids += [i for i in target_token_ids(tokenizer, c.targets, c.anchor) if i not in ids]
+    return ids
+
+
 def _clipped_adamw(learning_rate: float, weight_decay: float, clip_norm: float, b1: float, b2: float,
                    eps: float) -> optax.GradientTransformation:
     return optax.chain(

@@ -110,15 +110,16 @@ def check_evaluator(spec: config_lib.Spec) -> None:
 
 
 def check_eval_sets(spec: config_lib.Spec) -> None:
-    """Every name in ``eval.sets`` is one of the concept's sets."""
-    available = [s.name for s in spec.concept.eval_sets]
+    """Every name in ``eval.sets`` is one of the concept's sets (with several concepts: ``LABEL.SET``)."""
+    available = [f"{label}.{s.name}" if label else s.name for label, part in spec.each() for s in part.concept.eval_sets]
     for name in (n.strip() for n in spec.config.eval.sets.split(";")):
         if name and name not in available:
             raise PreflightError(f"eval.sets names {name!r}, which the concept does not have; it has "
                                  f"{', '.join(available)}")
-    for s in spec.concept.eval_sets:
-        if not s.prompts:
-            raise PreflightError(f"evaluation set {s.name!r} has no prompts")
+    for _, part in spec.each():
+        for s in part.concept.eval_sets:
+            if not s.prompts:
+                raise PreflightError(f"evaluation set {s.name!r} has no prompts")
 
 
 def check_devices(config: ml_collections.ConfigDict, n_devices: int | None = None) -> None:
@@ -140,14 +141,14 @@ def check_embedding_tokens(spec: config_lib.Spec) -> None:
         return
     from ablate_jax import params as params_lib  # noqa: PLC0415
 
-    concept = spec.concept
     try:
         tokenizer = loading.load_tokenizer(loading.resolve_path(spec.model_path) / "tokenizer")
     except loading.ModelLoadError as err:
         raise PreflightError(f"model: {err}") from err
-    if not params_lib.target_token_ids(tokenizer, concept.targets, concept.anchor):
-        raise PreflightError(f"the target {concept.target!r} has no token of its own to train (all shared with the "
-                             "anchor); use another params group")
+    for concept in spec.concepts:
+        if not params_lib.target_token_ids(tokenizer, concept.targets, concept.anchor):
+            raise PreflightError(f"the target {concept.target!r} has no token of its own to train (all shared with "
+                                 "the anchor); use another params group")
 
 
 def check_run(spec: config_lib.Spec | ml_collections.ConfigDict, workdir: str | os.PathLike, *,
@@ -163,7 +164,7 @@ def check_run(spec: config_lib.Spec | ml_collections.ConfigDict, workdir: str | 
     if not model_loaded:
         check_model(spec)
     evaluates = "eval" in stages and config.eval.enabled
-    memorization_filter = ("anchors" in stages and spec.concept.kind == "memorization"
+    memorization_filter = ("anchors" in stages and any(c.kind == "memorization" for c in spec.concepts)
                            and spec.family.copy_detector is None)
     if evaluates or memorization_filter:
         check_evaluator(spec)

@@ -3,16 +3,19 @@ table and the before/after image grids.
 
 The report (docs/design.md, "Evaluation") is a plain dict, built by :func:`ablate_jax.evaluate.evaluate_run`::
 
-    {"concept": {"kind", "targets", "anchor", "preserve", "preset"},
+    {"concept": {"kind", "targets", "anchor", "preserve", "preset"},  # or, several concepts removed at once:
+     "concepts": [{"label", "kind", "targets", "anchor", "preserve", "preset"}, ...],
      "settings": {"model", "clip", "seed", "num_images", "sampler", "steps", "guidance", "eta", "base_only"},
      "sets": {NAME: {"role", "concept", "n_images",
                      "clip_score": {"base", "ablated"}, "clip_accuracy": {"base", "ablated"},
                      "anchor_rate": {"base", "ablated"},      # target and target_paraphrase sets only
-                     "kid": f}},
+                     "kid": f,
+                     "group": LABEL}},                        # several concepts: NAME is LABEL.SET
      "memorization": {"method", "threshold", "sets", "n_images", "rate": {"base", "ablated"},
                       "similarity": {"base", "ablated"}},      # memorization concepts only
+                                                               # (several concepts: {LABEL: {...}})
      "attacks": {NAME: {"kind", "n_images", "success_rate": {"base", "ablated"},
-                        "detail": {"base", "ablated"}, "prompt"}},  # when attacks were run
+                        "detail": {"base", "ablated"}, "prompt"}},  # when attacks were run (+ "group")
      "timing_s": {"eval": f}}
 
 Every "ablated" value and "kid" are ``None`` in a base-only report. ``settings`` (how the images
@@ -59,13 +62,23 @@ def _check_pair(where: str, pair: Any, base_only: bool, unit: bool) -> None:
 
 def check_report(report: Mapping[str, Any]) -> None:
     """Raises ``ValueError`` naming the first field of ``report`` that does not follow the schema."""
-    for key in ("concept", "settings", "sets", "timing_s"):
+    for key in ("settings", "sets", "timing_s"):
         if key not in report:
             raise ValueError(f"report has no {key!r}")
-    concept = report["concept"]
-    for key, kind in (("kind", str), ("targets", list), ("anchor", str), ("preserve", list)):
-        if not isinstance(concept.get(key), kind):
-            raise ValueError(f"concept.{key} must be a {kind.__name__}")
+    if ("concept" in report) == ("concepts" in report):
+        raise ValueError("a report has either 'concept' (one concept removed) or 'concepts' (several)")
+    several = "concepts" in report
+    removed = report["concepts"] if several else [report["concept"]]
+    if several and (not isinstance(removed, list) or len(removed) < 2):
+        raise ValueError("concepts must list two or more concepts")
+    for i, concept in enumerate(removed):
+        where = f"concepts[{i}]" if several else "concept"
+        for key, kind in (("kind", str), ("targets", list), ("anchor", str), ("preserve", list)):
+            if not isinstance(concept.get(key), kind):
+                raise ValueError(f"{where}.{key} must be a {kind.__name__}")
+        if several and not isinstance(concept.get("label"), str):
+            raise ValueError(f"{where}.label must be a string")
+    labels = [c["label"] for c in removed] if several else []
     base_only = report["settings"].get("base_only")
     if not isinstance(base_only, bool):
         raise ValueError("settings.base_only must be a bool")
@@ -79,6 +92,8 @@ def check_report(report: Mapping[str, Any]) -> None:
             raise ValueError(f"{where}.concept must be a non-empty string")
         if not isinstance(s.get("n_images"), int) or s["n_images"] < 1:
             raise ValueError(f"{where}.n_images must be a positive int")
+        if several and (s.get("group") not in labels or not name.startswith(f"{s['group']}.")):
+            raise ValueError(f"{where}.group must be the label of its concept, which the set's name starts with")
         _check_pair(f"{where}.clip_score", s.get("clip_score"), base_only, unit=False)
         if not all(0.0 <= v <= 2.5 for v in s["clip_score"].values() if v is not None):
             raise ValueError(f"{where}.clip_score must lie in [0, 2.5]")
@@ -93,14 +108,23 @@ def check_report(report: Mapping[str, Any]) -> None:
         if not base_only and (not isinstance(kid, float) or not np.isfinite(kid)):
             raise ValueError(f"{where}.kid must be a finite number, got {kid!r}")
     mem = report.get("memorization")
-    if (concept["kind"] == "memorization") != (mem is not None):
-        raise ValueError("a memorization block belongs to (and only to) memorization concepts")
-    if mem is not None:
+    if several:
+        memorizing = {c["label"] for c in removed if c["kind"] == "memorization"}
+        blocks = dict(mem or {})
+        evaluated = {s["group"] for s in report["sets"].values()}
+        if not set(blocks) <= memorizing or not memorizing & evaluated <= set(blocks):
+            raise ValueError("memorization holds one block per memorization concept evaluated, by label")
+    else:
+        if (removed[0]["kind"] == "memorization") != (mem is not None):
+            raise ValueError("a memorization block belongs to (and only to) memorization concepts")
+        blocks = {"": mem} if mem is not None else {}
+    for label, block in blocks.items():
+        where = f"memorization.{label}" if label else "memorization"
         for key in ("method", "threshold", "sets", "n_images"):
-            if key not in mem:
-                raise ValueError(f"memorization has no {key!r}")
-        _check_pair("memorization.rate", mem.get("rate"), base_only, unit=True)
-        _check_pair("memorization.similarity", mem.get("similarity"), base_only, unit=False)
+            if key not in block:
+                raise ValueError(f"{where} has no {key!r}")
+        _check_pair(f"{where}.rate", block.get("rate"), base_only, unit=True)
+        _check_pair(f"{where}.similarity", block.get("similarity"), base_only, unit=False)
     attacks = report.get("attacks")
     if attacks is not None:
         if not isinstance(attacks, Mapping) or not attacks:
@@ -149,10 +173,14 @@ def _memorization_line(report: Mapping[str, Any]) -> str | None:
     mem = report.get("memorization")
     if mem is None:
         return None
-    detector = "toy-world copy detector" if mem["method"] == "toy_world" else "CLIP image cosine"
-    rate = _pair(mem["rate"], ".2f", report["settings"]["base_only"])
-    return (f"Memorization: {rate} of {mem['n_images']} images from the memorized caption reproduce the "
-            f"memorized image ({detector} > {mem['threshold']:g}).")
+    blocks = mem if "concepts" in report else {"": mem}
+    lines = []
+    for label, block in blocks.items():
+        detector = "toy-world copy detector" if block["method"] == "toy_world" else "CLIP image cosine"
+        rate = _pair(block["rate"], ".2f", report["settings"]["base_only"])
+        lines.append(f"Memorization{f' ({label})' if label else ''}: {rate} of {block['n_images']} images from the "
+                     f"memorized caption reproduce the memorized image ({detector} > {block['threshold']:g}).")
+    return "\n".join(lines)
 
 
 def _attack_rows(report: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
@@ -188,13 +216,22 @@ def _md_cell(text: str) -> str:
 
 def format_markdown(report: Mapping[str, Any]) -> str:
     """report.md: what was evaluated, the table, the memorization line and how to read them."""
-    c, st = report["concept"], report["settings"]
-    targets = ", ".join(f"`{t}`" for t in c["targets"])
+    st = report["settings"]
+
+    def describe(c: Mapping[str, Any]) -> str:
+        targets = ", ".join(f"`{t}`" for t in c["targets"])
+        return (f"({c['kind']}): {targets} → anchor `{c['anchor']}`"
+                + (f", preserving {', '.join(f'`{p}`' for p in c['preserve'])}" if c["preserve"] else ""))
+
+    if "concepts" in report:
+        about = ["Concepts removed together, each set named `CONCEPT.SET`:"] + [
+            f"- {c['label']} {describe(c)}" for c in report["concepts"]] + [""]
+    else:
+        about = [f"Concept {describe(report['concept'])}."]
     lines = [
         "# Evaluation report",
         "",
-        f"Concept ({c['kind']}): {targets} → anchor `{c['anchor']}`"
-        + (f", preserving {', '.join(f'`{p}`' for p in c['preserve'])}" if c["preserve"] else "") + ".",
+        *about,
         f"Model `{st['model']}`, evaluator CLIP `{st['clip']}`; {st['num_images']} images per set, "
         f"{st['sampler']} {st['steps']} steps, guidance {st['guidance']:g}, eta {st['eta']:g}, seed {st['seed']}"
         + ("; base model only." if st["base_only"] else "; base and ablated images share prompts and seeds."),

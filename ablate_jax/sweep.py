@@ -147,6 +147,9 @@ def plan(config: ml_collections.ConfigDict, axes: Sequence[str], workdir: str | 
     if config.mesh.fsdp != 1:
         raise SweepError(f"mesh.fsdp={config.mesh.fsdp}: a sweep keeps each run's state whole on its group of devices "
                          "(the runs axis); use mesh.fsdp=1, or train runs too large for that one at a time")
+    if config.concepts or any(a.split("=", 1)[0].strip() == "concepts" for a in axes):
+        raise SweepError("concepts: a sweep's runs each remove one concept; run several concepts in one model with "
+                         "python -m ablate_jax.train")
     members = []
     for name, values, c in expand(config, axes):
         if not c.anchors.store:

@@ -20,7 +20,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -69,14 +69,16 @@ class Adversary:
     steps: int
 
 
-def adversary_for(config: ml_collections.ConfigDict, pipeline: Pipeline, concept: Concept) -> Adversary | None:
-    """The run's adversary, or None when ``robust.adversarial`` is off."""
+def adversary_for(config: ml_collections.ConfigDict, pipeline: Pipeline,
+                  concept: Concept | Sequence[Concept]) -> Adversary | None:
+    """The run's adversary (over the target tokens of every concept), or None when ``robust.adversarial`` is off."""
     r = config.robust
     if not r.adversarial:
         return None
-    rows = params_lib.target_token_ids(pipeline.tokenizer, concept.targets, concept.anchor)
+    rows = params_lib.target_token_ids_of(pipeline.tokenizer, concept)
     if not rows:
-        raise TrainError(f"robust.adversarial: the target {concept.target!r} has no token of its own to perturb")
+        names = ", ".join(c.target for c in ((concept,) if isinstance(concept, Concept) else concept))
+        raise TrainError(f"robust.adversarial: the target {names!r} has no token of its own to perturb")
     return Adversary(tuple(rows), float(r.epsilon), int(r.steps))
 
 
@@ -166,7 +168,8 @@ def make_objective(pipeline: Pipeline, selection: params_lib.Selection, loss_cfg
                 teacher_anchor = goal if loss_cfg.teacher == "frozen" else None
             contexts["student_adversarial"] = adversarial_states(
                 student_params, batch["target_ids"], x_t, t, goal, mask, jax.random.fold_in(key, 1))
-        return losses.ablation_loss(student, teacher, x_t, t, contexts, regress, mask, loss_cfg, teacher_anchor, weights)
+        return losses.ablation_loss(student, teacher, x_t, t, contexts, regress, mask, loss_cfg, teacher_anchor, weights,
+                                    batch.get("keep_weight"))
 
     def adversarial_states(params, ids, x_t, t, goal, mask, key):
         """The target prompt's states with its tokens' embeddings moved (within the bound) to undo the ablation."""
@@ -353,15 +356,25 @@ def anchor_batches(workdir: Workdir, pipeline: Pipeline, *, source: anchor_store
                    process_index: int = 0, process_count: int = 1) -> AnchorBatches:
     """The run's training batches from its anchor set (``source``, when already open), as its config
     says; this process's share of each global batch (the whole batch with the defaults)."""
-    config, concept = workdir.spec.config, workdir.spec.concept
+    spec, config = workdir.spec, workdir.spec.config
     t = config.train
-    return AnchorBatches(
-        source if source is not None else anchor_store.open_anchors(workdir), concept,
+    if spec.several:
+        # One source per concept; ``source``, when given, is their tuple.
+        source = source if source is not None else tuple(anchor_store.open_anchors(p) for p in workdir.parts())
+    elif source is None:
+        source = anchor_store.open_anchors(workdir)
+    data = AnchorBatches(
+        source, spec.concepts if spec.several else spec.concept,
         lambda p: text_to_image.tokenize(pipeline, p), seed=config.seed, global_batch=t.batch_size,
         latent_factor=pipeline.vae_downsample, flip=t.flip, rescale=t.rescale,
         with_keep=config_lib.loss_config(config).needs_keep, misspell=float(config.robust.misspell),
         process_index=process_index, process_count=process_count,
     )
+    if spec.several and any(data.left_out.values()):
+        log.info("left out of training, as their prompts name another concept's target: %s",
+                 ", ".join(f"{n} of the {label} anchors" for label, n in zip(spec.labels, data.left_out.values(),
+                                                                           strict=True) if n))
+    return data
 
 
 def metric_writer(workdir: Workdir) -> Any:
@@ -382,7 +395,7 @@ def train(ctx: RunContext, *, progress: bool = True) -> dict[str, Any]:
     ``train.divergence_factor`` times its value before training stop the run without saving, so
     every checkpoint on disk holds finite parameters that have not run away.
     """
-    config, concept = ctx.spec.config, ctx.spec.concept
+    config = ctx.spec.config
     pipeline, mesh, selection = ctx.pipeline, ctx.mesh, ctx.selection
     n_dev = mesh.devices.size
     if config.train.batch_size % n_dev:
@@ -414,7 +427,7 @@ def train(ctx: RunContext, *, progress: bool = True) -> dict[str, Any]:
 
     data = anchor_batches(ctx.workdir, pipeline, process_index=jax.process_index(),
                           process_count=jax.process_count())
-    adversary = adversary_for(config, pipeline, concept)
+    adversary = adversary_for(config, pipeline, ctx.spec.concepts)
     step_fn = compiled_train_step(pipeline, selection, loss_cfg, t.clip_norm, config.seed, config.stop_sot_kv_grad,
                                   mesh, t.remat, chunks, adversary)
     probe_fn = compiled_probe(pipeline, selection, loss_cfg, config.seed, config.stop_sot_kv_grad, t.remat, mesh,
@@ -513,7 +526,7 @@ def run(config: ml_collections.ConfigDict | config_lib.Spec, workdir: str | os.P
     mesh = make_mesh(config)
     if distributed.is_primary():
         preflight.write_resolved(spec, wd.path)
-    ctx = RunContext(wd, pipeline, mesh, checkpointing.selection_for(config, pipeline, spec.concept))
+    ctx = RunContext(wd, pipeline, mesh, checkpointing.selection_for(config, pipeline, spec.concepts))
     timing: dict[str, float] = {}
 
     t = time.perf_counter()
@@ -618,7 +631,10 @@ _NAME_MAX = 48
 
 def default_run_name(config: ml_collections.ConfigDict) -> str:
     """``CONCEPT-PARAMS-TIME``: a single folder name, whatever the target says ("../../x" or 500 words)."""
-    raw = config.concept.preset or concepts.parse_targets(config.concept.target or "run")[0]
+    if config.concepts:
+        raw = "+".join(e if not e.strip().startswith("{") else "concept" for e in config.concepts)
+    else:
+        raw = config.concept.preset or concepts.parse_targets(config.concept.target or "run")[0]
     name = _NAME_CHARS.sub("_", raw.replace(" ", "_")).strip("_-.")[:_NAME_MAX].strip("_-") or "run"
     params = _NAME_CHARS.sub("_", str(config.params))[:16] or "params"
     return f"{name}-{params}-{time.strftime('%Y%m%d-%H%M%S')}"

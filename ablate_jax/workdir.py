@@ -122,6 +122,8 @@ class Workdir:
 
     path: storage.AnyPath
     spec: config_lib.Spec
+    # The anchor store of a part of a run of several concepts (WORKDIR/anchors when the config names none).
+    store: storage.AnyPath | None = None
 
     def __fspath__(self) -> str:
         return os.fspath(self.path)
@@ -139,10 +141,19 @@ class Workdir:
     def anchors_path(self) -> storage.AnyPath:
         """Where the run's anchor set lives: ``WORKDIR/anchors``, or ``STORE/<key>`` with ``anchors.store``
         (:func:`anchor_key`), where every run with the same anchor identity finds the same set."""
-        store = self.spec.config.anchors.store
+        store = self.spec.config.anchors.store or self.store
         if store:
             return storage.path(store) / anchor_key(self.anchor_identity)
         return self.path / ANCHORS
+
+    def parts(self) -> tuple[Workdir, ...]:
+        """One workdir per concept (this one, for a run of one): a run of several keeps each concept's
+        anchor set in ``WORKDIR/anchors/<key>`` (or the shared store), as the same concept removed alone
+        would in a store, so either reuses the other's images."""
+        if not self.spec.several:
+            return (self,)
+        store = None if self.spec.config.anchors.store else self.path / ANCHORS
+        return tuple(Workdir(self.path, part, store) for part in self.spec.parts)
 
     def check_anchors(self) -> dict[str, Any] | None:
         """The anchor set's record (None for none yet); another run's, or files that are no anchor set, are refused."""
@@ -158,7 +169,7 @@ class Workdir:
                                    "project; use another --workdir")
             return None
         # In a shared store a set of another count is this run's too: it is extended or read in part.
-        shared = bool(self.spec.config.anchors.store)
+        shared = bool(self.spec.config.anchors.store or self.store)
         diffs = differences(_comparable(record, count=not shared), _comparable(self.anchor_identity, count=not shared))
         if diffs:
             raise foreign(out, "anchors", diffs)
@@ -212,7 +223,8 @@ class Workdir:
     def guard(self, stages: Sequence[str]) -> None:
         """Every record the ``stages`` would reuse belongs to this run; nothing is written."""
         if {"anchors", "train"} & set(stages):
-            self.check_anchors()
+            for part in self.parts():
+                part.check_anchors()
         if not self.path.exists():
             return
         if {"train", "eval", "export"} & set(stages):

@@ -84,3 +84,27 @@ def test_noise_based_run_removes_the_target(tmp_path_factory):
     acc = _acc(report, "smiley")
     assert acc["base"] >= 0.85 and acc["ablated"] <= 0.10
     assert report["sets"]["smiley"]["anchor_rate"]["ablated"] >= 0.80
+
+
+@pytest.fixture(scope="module")
+def three_run(tmp_path_factory):
+    return _run(tmp_path_factory, xattn.get_config(f"concepts=toy_smiley;toy_striped;toy_memorized,"
+                                                   f"eval.misspelling=False,{NO_EXPORT}"))
+
+
+def test_three_concepts_in_one_model_remove_the_smiley_and_the_painting_and_keep_their_neighbours(three_run):
+    sets = three_run["sets"]
+    assert _acc(three_run, "smiley.smiley")["ablated"] <= 0.10
+    rate = three_run["memorization"]["memorized"]["rate"]
+    assert rate["base"] >= 0.85 and rate["ablated"] <= 0.10
+    for name, s in sets.items():
+        if s["group"] in ("smiley", "memorized") and s["role"] in ("anchor", "preserved", "surrounding"):
+            acc = s["clip_accuracy"]
+            assert acc["ablated"] >= acc["base"] - TOLERANCE, (name, acc)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "removed beside the smiley and the memorized painting, the striped style stays at 0.20 to 0.40 (0.10 alone, "
+    "seed 0); 2,400 steps gave 0.15 (docs/many-concepts.md)"))
+def test_three_concepts_in_one_model_remove_the_stripes(three_run):
+    assert _acc(three_run, "striped.striped")["ablated"] <= 0.10
