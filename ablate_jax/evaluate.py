@@ -241,9 +241,10 @@ def _attack_entries(spec: Spec, kinds: Sequence[str], pipeline: Pipeline, models
                 emb[m] = image_embeddings(clip, images[m])
             rate = {m: success(images[m], emb[m], emb["base"]) for m in per_model}
             first = next(iter(per_model.values()))
-            out[prefix + name] = {"kind": first.kind, "n_images": n, "success_rate": _pair(rate["base"], rate.get("ablated")),
-                         "detail": {m: a.detail for m, a in per_model.items()},
-                         "prompt": prompts.get("ablated", prompts["base"])[0]}
+            out[prefix + name] = {"kind": first.kind, "n_images": n,
+                                  "success_rate": _pair(rate["base"], rate.get("ablated")),
+                                  "detail": {m: a.detail for m, a in per_model.items()},
+                                  "prompt": prompts.get("ablated", prompts["base"])[0]}
             if stage is not None:
                 # A search finds its own prompt against each model: then a row names both.
                 captions = [pb if pb == pa else f"base: {pb} | ablated: {pa}"

@@ -35,8 +35,7 @@ import pytest  # noqa: E402  (after the environment is set)
 # to workers in collection order; started first, these never leave one worker running alone at
 # the end while the others are idle.
 LONGEST_FIRST = ("test_demo.py", "test_multihost.py", "test_unet.py", "test_train.py", "test_toy_models.py",
-                 "test_sweep.py", "test_bad_input.py", "test_text_to_image.py", "test_fsdp.py", "test_attacks.py",
-                 "test_many_concepts.py")
+                 "test_sweep.py", "test_bad_input.py", "test_text_to_image.py", "test_fsdp.py", "test_attacks.py")
 
 
 def pytest_collection_modifyitems(config, items):

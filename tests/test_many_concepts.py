@@ -1,17 +1,15 @@
-"""Several concepts removed from one model: the config, the mixed batches, the loss, the report and a
-whole run on the toy world (its removal figures are in test_science.py)."""
+"""Several concepts removed from one model: the config, the mixed batches, the loss and the report
+(a whole run is in test_train.py, its removal figures in test_science.py)."""
 
-import json
 import re
 import sys
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ablate_jax import anchors, checkpointing, concepts, losses, report, train, workdir
+from ablate_jax import concepts, losses, report, workdir
 from ablate_jax import config as config_lib
 from ablate_jax.data import AnchorBatches
 
@@ -180,39 +178,3 @@ def test_the_report_schema_knows_several_concepts():
                        ({**good, "memorization": {}}, "one block per memorization concept")):
         with pytest.raises(ValueError, match=match):
             report.check_report(bad)
-
-
-# A whole run, as small as it gets: 8 anchors per concept, 2 train steps, one set of each concept evaluated.
-TINY = (f"concepts={THREE},anchors.num_images=8,anchors.steps=2,train.steps=2,train.checkpoint_every=2,"
-        "eval.num_images=2,eval.steps=2,eval.sets=smiley.smiley;striped.striped;memorized.memorized,"
-        "eval.attacks=misspelling")
-
-
-def test_a_run_removes_every_concept_into_one_report_and_one_export(tmp_path, toy_pipe):
-    store = tmp_path / "store"
-    config = xattn.get_config(TINY + f",anchors.store={store}")
-    out = train.run(config, tmp_path / "run", pipeline=toy_pipe, progress=False)
-    assert set(out["anchors"]["parts"]) == {"smiley", "striped", "memorized"}
-    assert out["anchors"]["num_images"] == 24 and len(list(store.iterdir())) == 3
-    assert list(out["sets"]) == ["smiley.smiley", "striped.striped", "memorized.memorized"]
-    assert {s["group"] for s in out["sets"].values()} == {"smiley", "striped", "memorized"}
-    assert set(out["memorization"]) == {"memorized"}
-    # Each concept's attacks, against its own target, named like its sets.
-    assert {a["group"] for a in out["attacks"].values()} == {"smiley", "striped", "memorized"}
-    assert "smiley.misspelling_doubled" in out["attacks"] and "striped.misspelling_doubled" in out["attacks"]
-    written = json.loads((tmp_path / "run" / "eval" / "report.json").read_text())
-    assert [c["label"] for c in written["concepts"]] == ["smiley", "striped", "memorized"]
-    assert (tmp_path / "run" / "eval" / "striped.striped.png").exists()
-    record = json.loads((tmp_path / "run" / "export" / "export.json").read_text())
-    assert [c["targets"][0] for c in record["concept"]["concepts"]][:2] == ["smiley", "striped"]
-    # The same concept removed alone finds its anchors in the store and draws none.
-    alone = anchors.generate_anchors(xattn.get_config(f"concept=toy_striped,anchors.num_images=8,anchors.steps=2,"
-                                                      f"anchors.store={store}"), tmp_path / "alone",
-                                     pipeline=toy_pipe, progress=False)
-    assert alone["skipped"] and alone["generated"] == 0
-    # The trained delta is finite and moved.
-    wd = workdir.open_workdir(config, tmp_path / "run")
-    sel = checkpointing.selection_for(wd.spec.config, toy_pipe, wd.spec.concepts)
-    trained = sel.split(checkpointing.restore_ablated_params(wd, toy_pipe, sel))
-    moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), trained, sel.split(toy_pipe.params))
-    assert max(jax.tree.leaves(moved)) > 0

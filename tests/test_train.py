@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from ablate_jax import checkpointing, train
-from ablate_jax.config import ConfigError, resolve
+from ablate_jax.config import ConfigError, prepare, resolve
 from ablate_jax.toy import shipped_path
 from ablate_jax.workdir import open_workdir
 
@@ -46,8 +46,14 @@ def _cli(workdir, arg, *flags, env=None, step_delay=0.0):
 
 def _trained(config, workdir, pipe):
     wd = open_workdir(config, workdir)
-    sel = checkpointing.selection_for(wd.spec.config, pipe, wd.spec.concept)
+    sel = checkpointing.selection_for(wd.spec.config, pipe, wd.spec.concepts)
     return sel.split(checkpointing.restore_ablated_params(wd, pipe, sel))
+
+
+def _trained_base(config, pipe):
+    """The pretrained values of what ``config`` trains."""
+    spec = prepare(config)
+    return checkpointing.selection_for(spec.config, pipe, spec.concepts).split(pipe.params)
 
 
 @pytest.fixture(scope="module")
@@ -300,3 +306,39 @@ def test_the_adversary_finds_a_prompt_the_ablation_term_is_worse_on_and_stays_wi
     assert float(terms[1e-6]["adversarial"]) == pytest.approx(float(terms[1e-6]["ablation"]), rel=1e-3)
     assert float(terms[0.5]["adversarial"]) > 1.5 * float(terms[0.5]["ablation"])
     assert float(terms[0.5]["ablation"]) == pytest.approx(float(terms[1e-6]["ablation"]), rel=1e-6)
+
+
+def test_a_run_of_several_concepts_removes_each_into_one_report_and_one_export(tmp_path, toy_pipe):
+    # The tiny run's settings (its compiled programs serve), with three concepts: anchors per concept into
+    # one store, batches across them, each concept's set and attacks in one report, one export.
+    import json
+
+    from ablate_jax import anchors
+
+    store = tmp_path / "store"
+    config = xattn.get_config(TINY + ",concepts=toy_smiley;toy_striped;toy_memorized,train.steps=2,"
+                              "eval.enabled=True,eval.num_images=2,eval.steps=2,export.enabled=True,"
+                              "eval.sets=smiley.smiley;striped.striped;memorized.memorized,eval.attacks=misspelling,"
+                              f"anchors.store={store}")
+    out = train.run(config, tmp_path / "run", pipeline=toy_pipe, progress=False)
+    assert set(out["anchors"]["parts"]) == {"smiley", "striped", "memorized"}
+    assert out["anchors"]["num_images"] == 48 and len(list(store.iterdir())) == 3
+    assert list(out["sets"]) == ["smiley.smiley", "striped.striped", "memorized.memorized"]
+    assert {s["group"] for s in out["sets"].values()} == {"smiley", "striped", "memorized"}
+    assert set(out["memorization"]) == {"memorized"}
+    # Each concept's attacks, against its own target, named like its sets.
+    assert {a["group"] for a in out["attacks"].values()} == {"smiley", "striped", "memorized"}
+    assert "smiley.misspelling_doubled" in out["attacks"] and "striped.misspelling_doubled" in out["attacks"]
+    written = json.loads((tmp_path / "run" / "eval" / "report.json").read_text())
+    assert [c["label"] for c in written["concepts"]] == ["smiley", "striped", "memorized"]
+    assert (tmp_path / "run" / "eval" / "striped.striped.png").exists()
+    record = json.loads((tmp_path / "run" / "export" / "export.json").read_text())
+    assert [c["targets"][0] for c in record["concept"]["concepts"]][:2] == ["smiley", "striped"]
+    # The same concept removed alone finds its anchors in the store and draws none.
+    alone = anchors.generate_anchors(xattn.get_config(TINY + f",concept=toy_striped,anchors.store={store}"),
+                                     tmp_path / "alone", pipeline=toy_pipe, progress=False)
+    assert alone["skipped"] and alone["generated"] == 0
+    # The one delta moved.
+    moved = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))),
+                         _trained(config, tmp_path / "run", toy_pipe), _trained_base(config, toy_pipe))
+    assert max(jax.tree.leaves(moved)) > 0
