@@ -180,9 +180,9 @@ def generate_anchors(spec: config_lib.Spec | ml_collections.ConfigDict, workdir:
 
 def _generate_each(workdir: Workdir, pipeline: Pipeline | None, mesh: jax.sharding.Mesh | None, progress: bool,
                    t0: float) -> dict[str, Any]:
-    """A run of several concepts: each concept's set in turn (:meth:`Workdir.parts`), the model loaded once."""
+    """A run of several concepts: each concept's set in turn (:attr:`Workdir.parts`), the model loaded once."""
     parts = {}
-    for label, part in zip(workdir.spec.labels, workdir.parts(), strict=True):
+    for label, part in zip(workdir.spec.labels, workdir.parts, strict=True):
         log.info("anchors of %s", label)
         if pipeline is None and not _complete(part):
             config = part.spec.config

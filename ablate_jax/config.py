@@ -416,14 +416,18 @@ def prepare(config: ml_collections.ConfigDict | Spec) -> Spec:
     return Spec(out, family, (concept,), notes)
 
 
+# The fields of one entry of ``concepts``: those of ``config.concept``, and its own preservation list.
+_CONCEPT_KEYS = ("preset", "kind", "target", "anchor", "anchor_prompts", "held_out")
+_ENTRY_FIELDS = frozenset(_CONCEPT_KEYS) | {"preserve"}
+
+
 def concept_fields(**fields: Any) -> str:
     """One entry of ``concepts`` given by its fields (those of ``config.concept``, plus ``preserve``:
     a ``;``-separated list or a tuple), for a config file: ``c.concepts = ("toy_smiley",
     concept_fields(kind="instance", target="grumpy cat", anchor="cat", anchor_prompts="anchor_cat"))``."""
-    allowed = set(base_config().concept) | {"preserve"}
-    unknown = sorted(set(fields) - allowed)
+    unknown = sorted(set(fields) - _ENTRY_FIELDS)
     if unknown:
-        raise ConfigError(f"concept_fields: unknown field {unknown[0]!r}; use {', '.join(sorted(allowed))}")
+        raise ConfigError(f"concept_fields: unknown field {unknown[0]!r}; use {', '.join(sorted(_ENTRY_FIELDS))}")
     if isinstance(fields.get("preserve"), (tuple, list)):
         fields["preserve"] = ";".join(fields["preserve"])
     return json.dumps(fields, sort_keys=True)
@@ -438,20 +442,18 @@ def _entry_fields(entry: str) -> dict[str, str]:
         fields = json.loads(entry)
     except ValueError as e:
         raise ConfigError(f"concepts: the entry {entry!r} is neither a preset name nor a JSON object of fields") from e
-    allowed = set(base_config().concept) | {"preserve"}
-    unknown = sorted(set(fields) - allowed) if isinstance(fields, dict) else ["?"]
+    unknown = sorted(set(fields) - _ENTRY_FIELDS) if isinstance(fields, dict) else ["?"]
     if unknown:
         raise ConfigError(f"concepts: the entry {entry!r} has the unknown field {unknown[0]!r}; "
-                          f"use {', '.join(sorted(allowed))}")
+                          f"use {', '.join(sorted(_ENTRY_FIELDS))}")
     return {k: str(v) for k, v in fields.items()}
 
 
-def _part_config(config: ml_collections.ConfigDict, entry: str) -> ml_collections.ConfigDict:
-    """The one-concept run of ``config`` for one ``concepts`` entry (unresolved, unlocked)."""
+def _part_config(config: ml_collections.ConfigDict, fields: dict[str, str]) -> ml_collections.ConfigDict:
+    """The one-concept run of ``config`` for one ``concepts`` entry's fields (unresolved, unlocked)."""
     part = ml_collections.ConfigDict(config.to_dict(), type_safe=True)
     part.concepts = ()
-    fields = _entry_fields(entry)
-    for key in ("preset", "kind", "target", "anchor", "anchor_prompts", "held_out"):
+    for key in _CONCEPT_KEYS:
         part.concept[key] = fields.get(key, "")
     part.preserve.concepts = concepts.parse_targets(fields.get("preserve", ""))
     # A part is never trained (the whole run is), and its concept may have nothing to preserve.
@@ -481,13 +483,14 @@ def _prepare_several(config: ml_collections.ConfigDict, family: families.Family)
     if tuple(config.preserve.concepts):
         raise ConfigError("preserve.concepts applies to one concept; with several, give each its own list "
                           "(its preset's, or a preserve field in concept_fields)")
-    specs = [prepare(_part_config(config, e)) for e in entries]
+    fields = [_entry_fields(e) for e in entries]
+    specs = [prepare(_part_config(config, f)) for f in fields]
     targets = {t.lower() for s in specs for t in s.concept.targets}
     for s in specs:
         if s.concept.anchor.lower() in targets:
             raise ConfigError(f"concepts: the anchor {s.concept.anchor!r} of one concept is the target of another")
     parts, names = [], []
-    for s, entry in zip(specs, entries, strict=True):
+    for s, entry in zip(specs, fields, strict=True):
         c = s.concept
         others = {t.lower() for o in specs if o is not s for t in o.concept.targets}
         keep = tuple(k for k in c.preserve if k.lower() not in others)
@@ -495,7 +498,7 @@ def _prepare_several(config: ml_collections.ConfigDict, family: families.Family)
                      or (e.concept.lower() not in others and e.name.lower() not in others))
         c = dataclasses.replace(c, preserve=keep, eval_sets=sets)
         parts.append(Spec(s.config, s.family, (c,), s.notes))
-        names.append(label(c, _entry_fields(entry).get("preset", "")))
+        names.append(label(c, entry.get("preset", "")))
     for i, n in enumerate(names):
         if names.count(n) > 1:
             names[i] = f"{n}{i + 1}"

@@ -114,18 +114,20 @@ class AnchorBatches:
             raise ValueError(f"train.batch_size {global_batch} is not a multiple of the process count {process_count}")
         if with_keep and not any(c.preserve for c in self.concepts):
             raise ValueError("preserve.weight > 0 but the concept names no concept to preserve (preserve.concepts)")
-        # The one dataset the concepts' records form: (concept, record) per entry.
-        self.entries = np.asarray([(c, r) for c, s in enumerate(self.sources) for r in range(len(s))
-                                   if not self.several or not self._names_another_target(c, s[r]["prompt"])],
-                                  dtype=np.int64).reshape(-1, 2)
-        self.left_out = {c.target: len(s) - int(np.sum(self.entries[:, 0] == i))
-                         for i, (c, s) in enumerate(zip(self.concepts, self.sources, strict=True))}
-        empty = [t for i, t in enumerate(self.left_out) if not np.any(self.entries[:, 0] == i)]
+        # Per concept, the patterns of every other concept's targets, and the records it trains on.
+        self._others = [[word_pattern(t) for j, o in enumerate(self.concepts) if j != i for t in o.targets]
+                        for i in range(len(self.concepts))]
+        # A run of one concept reads no record here.
+        self.by_concept = [np.asarray([r for r in range(len(s))
+                                       if not self._others[c] or not self._names_another_target(c, s[r]["prompt"])],
+                                      np.int64) for c, s in enumerate(self.sources)]
+        self.left_out = {c.target: len(s) - len(rows)
+                         for c, s, rows in zip(self.concepts, self.sources, self.by_concept, strict=True)}
+        empty = [t for t, rows in zip(self.left_out, self.by_concept, strict=True) if not len(rows)]
         if empty:
             raise ValueError(f"every anchor image of {empty[0]!r} names another concept's target; give it anchor "
                              "prompts that do not")
-        self.by_concept = [self.entries[self.entries[:, 0] == i, 1] for i in range(len(self.concepts))]
-        self.concept, self.tokenize = self.concepts[0], tokenize
+        self.tokenize = tokenize
         self.seed, self.global_batch, self.latent_factor = seed, global_batch, latent_factor
         self.flip, self.rescale, self.with_keep = flip, rescale, with_keep
         # Robust ablation's augmentation: a fraction of target prompts misspell the target's word,
@@ -139,34 +141,27 @@ class AnchorBatches:
         self.offset = process_index * self.local_batch
 
     def __len__(self) -> int:
-        return len(self.entries)
+        return sum(len(rows) for rows in self.by_concept)
 
     def _names_another_target(self, c: int, prompt: str | bytes) -> bool:
         """Whether an anchor prompt of concept ``c`` names another concept's target: its example would
         teach that target to stay (the teacher draws it), so it is left out of a run of several."""
-        if not hasattr(self, "_others"):
-            self._others = [[word_pattern(t) for j, o in enumerate(self.concepts) if j != i for t in o.targets]
-                            for i in range(len(self.concepts))]
         text = prompt.decode("utf-8") if isinstance(prompt, bytes) else prompt
         return any(p.search(text) for p in self._others[c])
 
     @functools.lru_cache(maxsize=16)  # noqa: B019  (a few epochs' permutations; the object lives for the run)
-    def _permutation(self, epoch: int, concept: int | None = None) -> np.ndarray:
-        if concept is None:
-            return np.random.default_rng([self.seed, 1, epoch]).permutation(len(self))
-        return np.random.default_rng([self.seed, 1, epoch, concept]).permutation(len(self.by_concept[concept]))
+    def _permutation(self, epoch: int, concept: int) -> np.ndarray:
+        # A run of one concept draws its permutations from (seed, 1, epoch); several, one stream per concept.
+        key = [self.seed, 1, epoch, concept] if self.several else [self.seed, 1, epoch]
+        return np.random.default_rng(key).permutation(len(self.by_concept[concept]))
 
     def example(self, k: int) -> dict[str, Any]:
         """Global example ``k``: the augmented image, its mask, its prompts and (several concepts) which concept."""
-        n = len(self)
-        if self.several:
-            # Concepts take turns (example k is concept k mod C), each through its own permutation
-            # of its records: every concept gets 1/C of the examples, whatever its anchor count.
-            c, j = k % len(self.concepts), k // len(self.concepts)
-            mine = self.by_concept[c]
-            r = int(mine[int(self._permutation(j // len(mine), c)[j % len(mine)])])
-        else:
-            c, r = (int(v) for v in self.entries[int(self._permutation(k // n)[k % n])])
+        # Concepts take turns (example k is concept k mod C), each through its own permutation of
+        # its records: every concept gets 1/C of the examples, whatever its anchor count.
+        c, j = k % len(self.concepts), k // len(self.concepts)
+        mine = self.by_concept[c]
+        r = int(mine[int(self._permutation(j // len(mine), c)[j % len(mine)])])
         concept = self.concepts[c]
         record = self.sources[c][r]
         prompt = record["prompt"]

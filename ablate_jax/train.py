@@ -360,7 +360,7 @@ def anchor_batches(workdir: Workdir, pipeline: Pipeline, *, source: anchor_store
     t = config.train
     if spec.several:
         # One source per concept; ``source``, when given, is their tuple.
-        source = source if source is not None else tuple(anchor_store.open_anchors(p) for p in workdir.parts())
+        source = source if source is not None else tuple(anchor_store.open_anchors(p) for p in workdir.parts)
     elif source is None:
         source = anchor_store.open_anchors(workdir)
     data = AnchorBatches(

@@ -141,11 +141,17 @@ class Workdir:
     def anchors_path(self) -> storage.AnyPath:
         """Where the run's anchor set lives: ``WORKDIR/anchors``, or ``STORE/<key>`` with ``anchors.store``
         (:func:`anchor_key`), where every run with the same anchor identity finds the same set."""
-        store = self.spec.config.anchors.store or self.store
+        store = self.shared_store
         if store:
             return storage.path(store) / anchor_key(self.anchor_identity)
         return self.path / ANCHORS
 
+    @property
+    def shared_store(self) -> storage.AnyPath | str | None:
+        """The store the run's anchor set is one set of (``anchors.store``, or a part's), or None for its own."""
+        return self.spec.config.anchors.store or self.store
+
+    @functools.cached_property
     def parts(self) -> tuple[Workdir, ...]:
         """One workdir per concept (this one, for a run of one): a run of several keeps each concept's
         anchor set in ``WORKDIR/anchors/<key>`` (or the shared store), as the same concept removed alone
@@ -169,7 +175,7 @@ class Workdir:
                                    "project; use another --workdir")
             return None
         # In a shared store a set of another count is this run's too: it is extended or read in part.
-        shared = bool(self.spec.config.anchors.store or self.store)
+        shared = bool(self.shared_store)
         diffs = differences(_comparable(record, count=not shared), _comparable(self.anchor_identity, count=not shared))
         if diffs:
             raise foreign(out, "anchors", diffs)
@@ -223,7 +229,7 @@ class Workdir:
     def guard(self, stages: Sequence[str]) -> None:
         """Every record the ``stages`` would reuse belongs to this run; nothing is written."""
         if {"anchors", "train"} & set(stages):
-            for part in self.parts():
+            for part in self.parts:
                 part.check_anchors()
         if not self.path.exists():
             return

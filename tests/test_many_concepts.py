@@ -77,6 +77,8 @@ def test_a_target_is_never_preserved_and_bad_lists_are_refused(tmp_path):
         config_lib.prepare(config)
     with pytest.raises(config_lib.ConfigError, match="unknown field"):
         config_lib.concept_fields(targets="x")
+    # An entry takes exactly the concept section's fields and its own preservation list.
+    assert config_lib._ENTRY_FIELDS == set(xattn.get_config().concept) | {"preserve"}
 
 
 def _source(word, n, size=16, seed=0):
