@@ -57,12 +57,17 @@ class Concept:
     preserve: tuple[str, ...] = ()
     eval_sets: tuple[EvalSet, ...] = ()
     style_templates: tuple[str, ...] = STYLE_TEMPLATES
+    # Other words prompts use for the target ("stripy", "stripes" for "striped"). No prompt is built
+    # from them; beside other concepts they mark the prompts that are about this one (docs/many-concepts.md).
+    aliases: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ConceptError(f"concept kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
         if not self.targets or not all(t.strip() for t in self.targets):
             raise ConceptError("concept target is empty")
+        if not all(a.strip() for a in self.aliases):
+            raise ConceptError("a concept alias is empty")
         if not self.anchor_prompts:
             raise ConceptError("the concept has no anchor prompts")
         if self.kind == "instance":
@@ -80,6 +85,11 @@ class Concept:
     def target(self) -> str:
         """The targets as given in a config (``;``-separated)."""
         return ";".join(self.targets)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Every word that names the target in a prompt: the targets, then the aliases."""
+        return self.targets + tuple(a for a in self.aliases if a not in self.targets)
 
     def usable_anchor_prompts(self) -> tuple[str, ...]:
         """Anchor prompts that target prompts can be built from (for instances: those naming the anchor)."""

@@ -416,20 +416,22 @@ def prepare(config: ml_collections.ConfigDict | Spec) -> Spec:
     return Spec(out, family, (concept,), notes)
 
 
-# The fields of one entry of ``concepts``: those of ``config.concept``, and its own preservation list.
+# The fields of one entry of ``concepts``: those of ``config.concept``, its own preservation list, and
+# the target's aliases (other words for it, which only matter beside other concepts).
 _CONCEPT_KEYS = ("preset", "kind", "target", "anchor", "anchor_prompts", "held_out")
-_ENTRY_FIELDS = frozenset(_CONCEPT_KEYS) | {"preserve"}
+_ENTRY_FIELDS = frozenset(_CONCEPT_KEYS) | {"preserve", "aliases"}
 
 
 def concept_fields(**fields: Any) -> str:
-    """One entry of ``concepts`` given by its fields (those of ``config.concept``, plus ``preserve``:
-    a ``;``-separated list or a tuple), for a config file: ``c.concepts = ("toy_smiley",
+    """One entry of ``concepts`` given by its fields (those of ``config.concept``, plus ``preserve`` and
+    ``aliases``: ``;``-separated lists or tuples), for a config file: ``c.concepts = ("toy_smiley",
     concept_fields(kind="instance", target="grumpy cat", anchor="cat", anchor_prompts="anchor_cat"))``."""
     unknown = sorted(set(fields) - _ENTRY_FIELDS)
     if unknown:
         raise ConfigError(f"concept_fields: unknown field {unknown[0]!r}; use {', '.join(sorted(_ENTRY_FIELDS))}")
-    if isinstance(fields.get("preserve"), (tuple, list)):
-        fields["preserve"] = ";".join(fields["preserve"])
+    for key in ("preserve", "aliases"):
+        if isinstance(fields.get(key), (tuple, list)):
+            fields[key] = ";".join(fields[key])
     return json.dumps(fields, sort_keys=True)
 
 
@@ -485,14 +487,18 @@ def _prepare_several(config: ml_collections.ConfigDict, family: families.Family)
                           "(its preset's, or a preserve field in concept_fields)")
     fields = [_entry_fields(e) for e in entries]
     specs = [prepare(_part_config(config, f)) for f in fields]
-    targets = {t.lower() for s in specs for t in s.concept.targets}
+    for i, f in enumerate(fields):
+        if "aliases" in f:  # an entry's aliases replace its preset's
+            aliased = dataclasses.replace(specs[i].concept, aliases=concepts.parse_targets(f["aliases"]))
+            specs[i] = dataclasses.replace(specs[i], concepts=(aliased,))
+    targets = {t.lower() for s in specs for t in s.concept.names}
     for s in specs:
         if s.concept.anchor.lower() in targets:
             raise ConfigError(f"concepts: the anchor {s.concept.anchor!r} of one concept is the target of another")
     parts, names = [], []
     for s, entry in zip(specs, fields, strict=True):
         c = s.concept
-        others = {t.lower() for o in specs if o is not s for t in o.concept.targets}
+        others = {t.lower() for o in specs if o is not s for t in o.concept.names}
         keep = tuple(k for k in c.preserve if k.lower() not in others)
         sets = tuple(e for e in c.eval_sets if e.role not in ("preserved", "surrounding")
                      or (e.concept.lower() not in others and e.name.lower() not in others))
@@ -638,7 +644,8 @@ def _concept(preset: str, kind: str, target: str, anchor: str, anchor_prompts: s
     if preset:
         base = families.preset(preset)
         fields = dict(kind=base.kind, targets=base.targets, anchor=base.anchor, anchor_prompts=base.anchor_prompts,
-                      preserve=base.preserve, eval_sets=base.eval_sets, style_templates=base.style_templates)
+                      preserve=base.preserve, eval_sets=base.eval_sets, style_templates=base.style_templates,
+                      aliases=base.aliases)
     else:
         fields = dict(kind="", targets=(), anchor="", anchor_prompts=(), preserve=(), eval_sets=())
     changed = not preset
@@ -646,7 +653,9 @@ def _concept(preset: str, kind: str, target: str, anchor: str, anchor_prompts: s
         fields["kind"], changed = kind, changed or kind != fields["kind"]
     if target:
         targets = concepts.parse_targets(target)
-        fields["targets"], changed = targets, changed or targets != fields["targets"]
+        if targets != fields["targets"]:
+            # The preset's other words for its target do not name this one.
+            fields["targets"], fields["aliases"], changed = targets, (), True
     if anchor:
         fields["anchor"], changed = anchor, changed or anchor != fields["anchor"]
     if anchor_prompts:

@@ -80,8 +80,9 @@ class AnchorBatches:
     concept, and each example's prompts are built by its own concept. The concepts take turns
     (example ``k`` is concept ``k mod C``, through that concept's own permutation of its records), so
     each has an equal share of every batch, up to one row, whatever its anchor count. A record whose
-    prompt names another concept's target is left out ("a smiley on a plain background", an anchor
-    of the striped style, would otherwise train the smiley to stay); :attr:`left_out` counts them per
+    prompt names another concept's target or one of its aliases is left out ("a smiley on a plain
+    background", an anchor of the striped style, would otherwise train the smiley to stay; "a circle
+    on a stripy background", the smiley's, the stripes); :attr:`left_out` counts them per
     concept. A concept with nothing to preserve contributes no preservation example: its rows get
     ``keep_weight`` 0 (its keep prompt is its anchor prompt). Rescaling never applies to a memorized
     image's anchors, which are removed as drawn.
@@ -114,8 +115,8 @@ class AnchorBatches:
             raise ValueError(f"train.batch_size {global_batch} is not a multiple of the process count {process_count}")
         if with_keep and not any(c.preserve for c in self.concepts):
             raise ValueError("preserve.weight > 0 but the concept names no concept to preserve (preserve.concepts)")
-        # Per concept, the patterns of every other concept's targets, and the records it trains on.
-        self._others = [[word_pattern(t) for j, o in enumerate(self.concepts) if j != i for t in o.targets]
+        # Per concept, the patterns of every other concept's targets and aliases, and the records it trains on.
+        self._others = [[word_pattern(t) for j, o in enumerate(self.concepts) if j != i for t in o.names]
                         for i in range(len(self.concepts))]
         # A run of one concept reads no record here.
         self.by_concept = [np.asarray([r for r in range(len(s))
@@ -144,7 +145,7 @@ class AnchorBatches:
         return sum(len(rows) for rows in self.by_concept)
 
     def _names_another_target(self, c: int, prompt: str | bytes) -> bool:
-        """Whether an anchor prompt of concept ``c`` names another concept's target: its example would
+        """Whether an anchor prompt of concept ``c`` names another concept's target or alias: its example would
         teach that target to stay (the teacher draws it), so it is left out of a run of several."""
         text = prompt.decode("utf-8") if isinstance(prompt, bytes) else prompt
         return any(p.search(text) for p in self._others[c])

@@ -371,7 +371,7 @@ def anchor_batches(workdir: Workdir, pipeline: Pipeline, *, source: anchor_store
         process_index=process_index, process_count=process_count,
     )
     if spec.several and any(data.left_out.values()):
-        log.info("left out of training, as their prompts name another concept's target: %s",
+        log.info("left out of training, as their prompts name another concept's target or its alias: %s",
                  ", ".join(f"{n} of the {label} anchors" for label, n in zip(spec.labels, data.left_out.values(),
                                                                            strict=True) if n))
     return data

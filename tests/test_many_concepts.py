@@ -77,8 +77,25 @@ def test_a_target_is_never_preserved_and_bad_lists_are_refused(tmp_path):
         config_lib.prepare(config)
     with pytest.raises(config_lib.ConfigError, match="unknown field"):
         config_lib.concept_fields(targets="x")
-    # An entry takes exactly the concept section's fields and its own preservation list.
-    assert config_lib._ENTRY_FIELDS == set(xattn.get_config().concept) | {"preserve"}
+    # An entry takes exactly the concept section's fields, its own preservation list and its aliases.
+    assert config_lib._ENTRY_FIELDS == set(xattn.get_config().concept) | {"preserve", "aliases"}
+
+
+def test_an_alias_of_another_concepts_target_is_never_preserved_and_an_entry_sets_its_own(tmp_path):
+    assert _spec(f"concepts={THREE}").concepts[1].aliases == ("stripy", "stripes")
+    prompts = tmp_path / "circles.txt"
+    prompts.write_text("\n".join(f"a {c} circle on a plain background" for c in ("red", "blue", "green", "yellow",
+                                                                                 "purple", "white", "black")))
+    # "sad face" names the frowny here: the smiley no longer preserves a concept called that.
+    frowny = config_lib.concept_fields(kind="instance", target="frowny", anchor="circle", anchor_prompts=str(prompts),
+                                       aliases=("sad face", "frowning face"))
+    config = xattn.get_config()
+    config.concepts = (config_lib.concept_fields(preset="toy_smiley", preserve="winky;sad face"), frowny)
+    smiley, other = config_lib.prepare(config).concepts
+    assert other.aliases == ("sad face", "frowning face") and other.names == ("frowny", "sad face", "frowning face")
+    assert smiley.preserve == ("winky",)
+    config.concepts = (config_lib.concept_fields(preset="toy_striped", aliases="stripy"), "toy_smiley")
+    assert config_lib.prepare(config).concepts[0].aliases == ("stripy",)  # the entry's, not the preset's
 
 
 def _source(word, n, size=16, seed=0):
@@ -133,6 +150,16 @@ def test_anchors_that_name_another_concepts_target_are_left_out():
     with pytest.raises(ValueError, match="names another concept's target"):
         AnchorBatches([_source("circle", 3), shapes[1:2]], [smiley, striped], _tok, seed=0, global_batch=1,
                       latent_factor=4)
+    # Another word for the style is the style: "a circle on a stripy background" would teach the stripes to stay.
+    striped = concepts.Concept("style", ("striped",), "plain", ("a square on a plain background",),
+                               style_templates=("{pt}",), aliases=("stripy", "stripes"))
+    circles = [{"image": np.zeros((8, 8, 3), np.uint8), "prompt": p}
+               for p in ("a circle on a stripy background", "a circle against stripes", "a circle",
+                         "a circle on a plain background")]
+    data = AnchorBatches([circles, shapes[:1]], [smiley, striped], _tok, seed=0, global_batch=2, latent_factor=4,
+                         rescale=False)
+    assert data.left_out == {"smiley": 2, "striped": 0}
+    assert {data.example(k)["anchor"] for k in range(0, 8, 2)} == {"a circle", "a circle on a plain background"}
 
 
 def test_rows_without_a_concept_to_preserve_add_nothing_to_the_preservation_term():

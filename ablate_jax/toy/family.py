@@ -115,7 +115,8 @@ def smiley() -> Concept:
         eval_set("star", "surrounding", "star", "star"),
         eval_set("square", "surrounding", "square", "square"),
     )
-    return Concept("instance", ("smiley",), "circle", anchor_prompts, ("frowny", "winky"), sets)
+    aliases = tuple(d.split(" ", 1)[1] for d in world.INSTANCE_DESCRIPTIONS["smiley"])  # "happy face", ...
+    return Concept("instance", ("smiley",), "circle", anchor_prompts, ("frowny", "winky"), sets, aliases=aliases)
 
 
 def striped() -> Concept:
@@ -137,7 +138,10 @@ def striped() -> Concept:
         EvalSet("checkered", "preserved", "checkered background", prompts("checkered", 8004)),
         EvalSet("wavy", "preserved", "wavy background", prompts("wavy", 8005)),
     )
-    return Concept("style", ("striped",), "plain", anchor_prompts, preserve, sets, style_templates=("{pt}",))
+    # Captions also call the style "stripy" and its pattern "stripes": prompts with those words are
+    # about the style too (beside other concepts, another's anchor prompt that says them is left out).
+    return Concept("style", ("striped",), "plain", anchor_prompts, preserve, sets, style_templates=("{pt}",),
+                   aliases=("stripy", "stripes"))
 
 
 def memorized() -> Concept:
