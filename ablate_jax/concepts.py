@@ -57,8 +57,9 @@ class Concept:
     preserve: tuple[str, ...] = ()
     eval_sets: tuple[EvalSet, ...] = ()
     style_templates: tuple[str, ...] = STYLE_TEMPLATES
-    # Other words prompts use for the target ("stripy", "stripes" for "striped"). No prompt is built
-    # from them; beside other concepts they mark the prompts that are about this one (docs/many-concepts.md).
+    # Other words prompts use for the target ("stripy", "stripes" for "striped"). Beside other concepts
+    # they mark the prompts that are about this one (docs/many-concepts.md); paraphrase augmentation
+    # names the target by them (docs/attacks.md).
     aliases: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -97,9 +98,10 @@ class Concept:
             return self.anchor_prompts
         return tuple(p for p in self.anchor_prompts if word_pattern(self.anchor).search(p))
 
-    def target_prompt(self, anchor_prompt: str, index: int) -> str:
-        """The target prompt for example ``index`` (its global index cycles targets and templates)."""
-        target = self.targets[index % len(self.targets)]
+    def target_prompt(self, anchor_prompt: str, index: int, name: str | None = None) -> str:
+        """The target prompt for example ``index`` (its global index cycles targets and templates);
+        ``name``: another word for the target to use instead (one of the aliases)."""
+        target = name or self.targets[index % len(self.targets)]
         if self.kind == "instance":
             return replace_word(anchor_prompt, self.anchor, target)
         if self.kind == "style":

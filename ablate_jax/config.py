@@ -95,6 +95,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.robust.steps = 3
     c.robust.weight = 1.0
     c.robust.misspell = 0.0
+    # ``paraphrase``: the fraction of target prompts that name the target by one of the concept's
+    # aliases instead ("a red happy face" for "a red smiley").
+    c.robust.paraphrase = 0.0
 
     # Device layout. fsdp > 1 splits parameters and optimizer state over that many devices
     # (fully sharded data parallel) for full fine-tunes of models too large to replicate; the
@@ -369,10 +372,14 @@ def resolution(config: ml_collections.ConfigDict, family: families.Family,
 
     lr, steps = family.schedule[params]
     fill("train.learning_rate", lr, f"{where}, {params}")
+    # Misspelled or paraphrased target prompts take a share of the examples from the target itself: twice the steps
+    # (on the toy world, attn at 300 steps with half of them misspelled left the smiley at 0.35).
+    twice = " x 2 with misspelled or paraphrased target prompts" if config.robust.misspell or config.robust.paraphrase else ""
+    steps *= 2 if twice else 1
     if several:
-        fill("train.steps", steps * len(group), f"{where}, {params}, {steps} per concept x {len(group)} concepts")
+        fill("train.steps", steps * len(group), f"{where}, {params}{twice}, {steps} per concept x {len(group)} concepts")
     else:
-        fill("train.steps", steps, f"{where}, {params}")
+        fill("train.steps", steps, f"{where}, {params}{twice}")
     fill("anchors.num_images", family.anchor_count, where)
     fill("train.encode_chunks", family.encode_chunks, where)
     fill("prior_weight", 1.0 if params == "full" else 0.0,
@@ -417,7 +424,7 @@ def prepare(config: ml_collections.ConfigDict | Spec) -> Spec:
 
 
 # The fields of one entry of ``concepts``: those of ``config.concept``, its own preservation list, and
-# the target's aliases (other words for it, which only matter beside other concepts).
+# the target's aliases (other words for it: ``Concept.aliases``).
 _CONCEPT_KEYS = ("preset", "kind", "target", "anchor", "anchor_prompts", "held_out")
 _ENTRY_FIELDS = frozenset(_CONCEPT_KEYS) | {"preserve", "aliases"}
 
@@ -588,8 +595,14 @@ def check(config: ml_collections.ConfigDict, family: families.Family,
         positive("robust.epsilon", r.epsilon)
         positive("robust.steps", r.steps, integer=True)
         positive("robust.weight", r.weight)
-    if not 0.0 <= r.misspell <= 1.0:
-        raise ConfigError(f"robust.misspell must lie in [0, 1], got {r.misspell}")
+    for key in ("misspell", "paraphrase"):
+        if not 0.0 <= r[key] <= 1.0:
+            raise ConfigError(f"robust.{key} must lie in [0, 1], got {r[key]}")
+    bare = [c.target for c in group if not c.aliases]
+    if r.paraphrase and bare:
+        raise ConfigError(f"robust.paraphrase names the target by its aliases, and {bare[0]!r} has none; use a "
+                          "preset that has them, a concepts entry with concept_fields(aliases=...), or "
+                          "robust.paraphrase=0")
     owner = next((f for f in families.all_families() if f.named(config.eval.clip, "clip")), None)
     if owner is not None and owner is not family:
         raise ConfigError(f"eval.clip={config.eval.clip!r} would score {config.model} with the {owner.title}'s "
@@ -785,7 +798,7 @@ def fingerprint(config: ml_collections.ConfigDict, *keys: str) -> dict[str, Any]
 
 
 # Sections whose feature is off by default, fingerprinted only when it is on.
-OFF_UNLESS_USED = {"robust": lambda c: bool(c.robust.adversarial or c.robust.misspell),
+OFF_UNLESS_USED = {"robust": lambda c: bool(c.robust.adversarial or c.robust.misspell or c.robust.paraphrase),
                    # A run of several concepts is defined by its list, and its `concept` section is unused.
                    "concepts": lambda c: bool(c.concepts), "concept": lambda c: not c.concepts}
 ANCHOR_KEYS = ("model", "seed", "concept", "concepts", "anchors.num_images", "anchors.sampler", "anchors.steps",

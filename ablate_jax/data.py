@@ -101,6 +101,7 @@ class AnchorBatches:
         rescale: bool = True,
         with_keep: bool = False,
         misspell: float = 0.0,
+        paraphrase: float = 0.0,
         process_index: int = 0,
         process_count: int = 1,
     ) -> None:
@@ -134,6 +135,10 @@ class AnchorBatches:
         # Robust ablation's augmentation: a fraction of target prompts misspell the target's word,
         # never as the misspelling attack does (those variants stay unseen).
         self.misspell = misspell
+        # ... and a fraction names it by one of its aliases, a concept's other words for it.
+        self.paraphrase = paraphrase
+        if paraphrase and not all(c.aliases for c in self.concepts):
+            raise ValueError("paraphrase augmentation needs every concept's aliases")
         self.words = tuple(target_word(c.targets, c.anchor) for c in self.concepts)
         self.attack_variants = tuple(tuple(misspellings(w, extended=True).values()) for w in self.words)
         # Whether a keep weight per row is needed: only when some concept has nothing to preserve.
@@ -173,7 +178,14 @@ class AnchorBatches:
         image, mask, prefix = augment(np.asarray(record["image"]), rng, flip=self.flip, rescale=rescale,
                                       latent_factor=self.latent_factor)
         target = concept.target_prompt(prompt, k)
-        if self.misspell:
+        paraphrased = False
+        if self.paraphrase:
+            # A stream of its own, like the misspellings'.
+            prng = np.random.default_rng([self.seed, 4, k])
+            if prng.random() < self.paraphrase:
+                target = concept.target_prompt(prompt, k, concept.aliases[int(prng.integers(len(concept.aliases)))])
+                paraphrased = True
+        if self.misspell and not paraphrased:
             # A stream of its own, so turning this on leaves every other draw of the run unchanged.
             mrng = np.random.default_rng([self.seed, 3, k])
             if mrng.random() < self.misspell:

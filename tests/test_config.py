@@ -13,7 +13,7 @@ from ablate_jax.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ("xattn", "attn", "embedding", "full", "robust")
-FILE_PARAMS = {"xattn": "xattn_kv", "attn": "attn", "embedding": "embedding", "full": "full", "robust": "xattn_kv"}
+FILE_PARAMS = {"xattn": "xattn_kv", "attn": "attn", "embedding": "embedding", "full": "full", "robust": "attn"}
 
 # What each family and group must resolve to, written out rather than read from the module.
 SCHEDULE = {
@@ -45,6 +45,7 @@ def _expected(family: str, file: str, params: str, loss: str) -> dict:
     preserves = not memorized  # the smiley preset names frowny and winky; the memorized one nothing
     weight = ({"model_based": 4.0, "noise_based": 1.0}[loss]
               if toy and preserves and params in ("xattn_kv", "xattn", "attn") else 0.0)
+    steps *= 2 if file == "robust" else 1  # configs/robust.py misspells a share of the target prompts
     return {"train.learning_rate": lr, "train.steps": steps, "anchors.num_images": 200 if toy else 1000,
             "prior_weight": 1.0 if params == "full" else 0.0, "preserve.weight": weight,
             "train.rescale": not memorized, "eval.clip": "toy" if toy else "openai/clip-vit-large-patch14"}
@@ -198,4 +199,15 @@ def test_robust_settings_enter_the_training_identity_only_when_used():
     assert robust["fields"]["robust"]["adversarial"] is True and robust["hash"] != plain["hash"]
     misspelled = config_lib.fingerprint(_load("xattn").get_config("robust.misspell=0.25"), *config_lib.TRAIN_KEYS)
     assert misspelled["fields"]["robust"]["misspell"] == 0.25
+
+
+def test_misspelled_or_paraphrased_target_prompts_double_the_resolved_steps():
+    spec = config_lib.prepare(_load("xattn").get_config("robust.misspell=0.25"))
+    assert spec.config.train.steps == 1200 and "x 2 with misspelled" in "\n".join(spec.notes.lines())
+    assert config_lib.resolve(_load("xattn").get_config("robust.paraphrase=0.25")).train.steps == 1200
+    with pytest.raises(config_lib.ConfigError, match="has none"):  # the memorized painting has no aliases
+        config_lib.resolve(_load("xattn").get_config("concept=toy_memorized,robust.paraphrase=0.25"))
+    assert config_lib.resolve(_load("xattn").get_config("robust.misspell=0.25,train.steps=100")).train.steps == 100
+    several = config_lib.resolve(_load("xattn").get_config("concepts=toy_smiley;toy_striped,robust.misspell=0.5"))
+    assert several.train.steps == 2400
 

@@ -1,6 +1,9 @@
 """Anchor batches: deterministic in (seed, step), split across processes, augmented with masks and prefixes."""
 
+import dataclasses
+
 import numpy as np
+import pytest
 
 from ablate_jax import concepts
 from ablate_jax.data import FAR_PREFIXES, NEAR_PREFIXES, AnchorBatches, augment
@@ -102,3 +105,25 @@ def test_misspelling_augmentation_changes_only_the_target_word_and_never_as_the_
             assert b["target"] == a["target"].replace("grumpy", wrong)
     # Half the examples, of which those naming "sad cat" (the second target) have no "grumpy" to change.
     assert 30 <= changed <= 70
+
+
+def test_paraphrase_augmentation_names_the_target_by_its_aliases_and_leaves_every_other_draw():
+    aliased = dataclasses.replace(_concept(), aliases=("cat that frowns", "sour cat"))
+    plain = AnchorBatches(_source(), aliased, _tok, seed=3, global_batch=4, latent_factor=4, with_keep=True)
+    mixed = AnchorBatches(_source(), aliased, _tok, seed=3, global_batch=4, latent_factor=4, with_keep=True,
+                          paraphrase=0.5, misspell=0.5)
+    misspelled = AnchorBatches(_source(), aliased, _tok, seed=3, global_batch=4, latent_factor=4, with_keep=True,
+                               misspell=0.5)
+    said = {"cat that frowns": 0, "sour cat": 0}
+    for k in range(200):
+        a, b, m = plain.example(k), mixed.example(k), misspelled.example(k)
+        assert np.array_equal(a["image"], b["image"]) and (a["anchor"], a["keep"]) == (b["anchor"], b["keep"])
+        alias = next((x for x in said if x in b["target"]), None)
+        if alias:
+            said[alias] += 1
+            assert b["target"] == a["anchor"].replace("cat", alias)  # the alias where the target was
+        else:
+            assert b["target"] == m["target"]  # the others misspelled exactly as without paraphrases
+    assert 70 <= sum(said.values()) <= 130 and min(said.values()) > 20
+    with pytest.raises(ValueError, match="aliases"):
+        AnchorBatches(_source(), _concept(), _tok, seed=3, global_batch=4, latent_factor=4, paraphrase=0.5)

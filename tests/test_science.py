@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "configs"))
 
 import embedding  # noqa: E402
 import full  # noqa: E402
+import robust  # noqa: E402
 import xattn  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -115,3 +116,23 @@ def test_three_concepts_in_one_model_keep_the_smiley_and_the_paintings_neighbour
     "0.20 alone); the style preset's own limit (docs/many-concepts.md)"))
 def test_three_concepts_in_one_model_remove_the_stripes(three_run):
     assert _acc(three_run, "striped.striped")["ablated"] <= 0.10
+
+
+@pytest.fixture(scope="module")
+def robust_run(tmp_path_factory):
+    return _run(tmp_path_factory, robust.get_config(f"eval.misspelling=False,{NO_EXPORT}"))
+
+
+def test_robust_ablation_holds_every_attack_to_a_fifth_and_keeps_the_neighbours(robust_run):
+    attacks = robust_run["attacks"]
+    assert {a["kind"] for a in attacks.values()} == {"misspelling", "paraphrase", "embedding", "search"}
+    for name, a in attacks.items():
+        assert a["success_rate"]["ablated"] <= 0.20, (name, a["success_rate"])
+    # The learned attacks work on the base model: what they fail to do on the ablated one is the defence.
+    assert min(a["success_rate"]["base"] for a in attacks.values() if a["kind"] in ("embedding", "search")) >= 0.5
+    assert _acc(robust_run, "smiley")["ablated"] <= 0.10
+    assert _acc(robust_run, "circle")["ablated"] >= 0.95
+    for name, s in robust_run["sets"].items():
+        if s["role"] in ("preserved", "surrounding"):
+            acc = s["clip_accuracy"]
+            assert acc["ablated"] >= acc["base"] - TOLERANCE, (name, acc)
