@@ -116,14 +116,7 @@ def generate_anchors(spec: config_lib.Spec | ml_collections.ConfigDict, workdir:
         return _generate_each(workdir, pipeline, mesh, progress, t0)
     spec = workdir.spec
     config = spec.config
-    out = workdir.anchors_path
-    prompts = spec.concept.usable_anchor_prompts()
-    record = anchor_store.read_run(out) if out.is_dir() else None
-    # A set of a shared store may hold another count of the same images (docs/sweeps.md): a larger
-    # one is read in part, a smaller one extended.
-    wanted = int(config.anchors.num_images)
-    recorded = int(record["num_images_requested"]) if record is not None else wanted
-    plan = ShardPlan(max(wanted, recorded), config.anchors.shard_size, prompts, config.seed)
+    out, record, plan, wanted, recorded = _plan(workdir)
     if anchor_store.is_complete(out, plan, record):
         assert record is not None
         summary = _summary(record, out, plan, seconds=time.perf_counter() - t0, skipped=True, generated=0,
@@ -139,7 +132,7 @@ def generate_anchors(spec: config_lib.Spec | ml_collections.ConfigDict, workdir:
     if record is not None and recorded < wanted:
         log.info("anchors: extending the set of %d images in %s to %d", recorded, out, wanted)
         if pid == 0:
-            anchor_store.extend(out, ShardPlan(recorded, plan.shard_size, prompts, config.seed), plan, record)
+            anchor_store.extend(out, ShardPlan(recorded, plan.shard_size, plan.prompts, config.seed), plan, record)
         distributed.barrier("ablate_jax.anchors.extended")
         record = anchor_store.read_run(out)
     done = [s for s in range(plan.num_shards) if plan.shard_path(out, s).exists()]
@@ -147,7 +140,7 @@ def generate_anchors(spec: config_lib.Spec | ml_collections.ConfigDict, workdir:
     if done:
         log.info("anchors: resuming, %d of %d shards already written", len(done), plan.num_shards)
     if pipeline is None and (todo or (record is None and pid == 0)):
-        pipeline = load_pipeline(spec.model_path, dtype=jnp.bfloat16 if config.dtype == "bfloat16" else None)
+        pipeline = _load(spec)
     if record is None and pid == 0:
         # Written before the first shard, so that an interrupted set is recognised as this run's.
         assert pipeline is not None
@@ -184,9 +177,8 @@ def _generate_each(workdir: Workdir, pipeline: Pipeline | None, mesh: jax.shardi
     parts = {}
     for label, part in zip(workdir.spec.labels, workdir.parts, strict=True):
         log.info("anchors of %s", label)
-        if pipeline is None and not _complete(part):
-            config = part.spec.config
-            pipeline = load_pipeline(part.spec.model_path, dtype=jnp.bfloat16 if config.dtype == "bfloat16" else None)
+        if pipeline is None and not anchor_store.is_complete(*_plan(part)[:3]):
+            pipeline = _load(part.spec)
         parts[label] = generate_anchors(part.spec, part, pipeline=pipeline, mesh=mesh, progress=progress)
     keys = ("num_images", "dropped", "generated", "resumed_shards", "num_shards")
     summary: dict[str, Any] = {k: sum(p[k] for p in parts.values()) for k in keys}
@@ -196,10 +188,23 @@ def _generate_each(workdir: Workdir, pipeline: Pipeline | None, mesh: jax.shardi
     return summary
 
 
-def _complete(workdir: Workdir) -> bool:
+def _plan(workdir: Workdir) -> tuple[Any, dict[str, Any] | None, ShardPlan, int, int]:
+    """``(out, record, plan, wanted, recorded)``: where the run's set lives, its record (None for none
+    yet), the plan of the set to hold there, and the image counts the run wants and the record holds.
+    A set of a shared store may hold another count of the same images (docs/sweeps.md): a larger one
+    is read in part, a smaller one extended, so the plan covers the larger."""
+    config = workdir.spec.config
     out = workdir.anchors_path
     record = anchor_store.read_run(out) if out.is_dir() else None
-    return bool(record and record.get("complete"))
+    wanted = int(config.anchors.num_images)
+    recorded = int(record["num_images_requested"]) if record is not None else wanted
+    plan = ShardPlan(max(wanted, recorded), config.anchors.shard_size, workdir.spec.concept.usable_anchor_prompts(),
+                     config.seed)
+    return out, record, plan, wanted, recorded
+
+
+def _load(spec: config_lib.Spec) -> Pipeline:
+    return load_pipeline(spec.model_path, dtype=jnp.bfloat16 if spec.config.dtype == "bfloat16" else None)
 
 
 def _summary(record: dict[str, Any], out: Any, plan: ShardPlan, *, seconds: float, skipped: bool, generated: int,

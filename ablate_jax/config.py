@@ -374,8 +374,9 @@ def resolution(config: ml_collections.ConfigDict, family: families.Family,
     fill("train.learning_rate", lr, f"{where}, {params}")
     # Misspelled or paraphrased target prompts take a share of the examples from the target itself: twice the steps
     # (on the toy world, attn at 300 steps with half of them misspelled left the smiley at 0.35).
-    twice = " x 2 with misspelled or paraphrased target prompts" if config.robust.misspell or config.robust.paraphrase else ""
-    steps *= 2 if twice else 1
+    augmented = bool(config.robust.misspell or config.robust.paraphrase)
+    twice = " x 2 with misspelled or paraphrased target prompts" if augmented else ""
+    steps *= 2 if augmented else 1
     if several:
         fill("train.steps", steps * len(group), f"{where}, {params}{twice}, {steps} per concept x {len(group)} concepts")
     else:
@@ -465,8 +466,11 @@ def _part_config(config: ml_collections.ConfigDict, fields: dict[str, str]) -> m
     for key in _CONCEPT_KEYS:
         part.concept[key] = fields.get(key, "")
     part.preserve.concepts = concepts.parse_targets(fields.get("preserve", ""))
-    # A part is never trained (the whole run is), and its concept may have nothing to preserve.
+    # A part is never trained (the whole run is): its concept may have nothing to preserve, and its
+    # aliases (which an entry may give) are only set after it is prepared, so the run as a whole is
+    # what the paraphrase augmentation is checked against.
     part.preserve.weight = 0.0
+    part.robust.paraphrase = 0.0
     return part
 
 

@@ -96,6 +96,13 @@ def test_an_alias_of_another_concepts_target_is_never_preserved_and_an_entry_set
     assert smiley.preserve == ("winky",)
     config.concepts = (config_lib.concept_fields(preset="toy_striped", aliases="stripy"), "toy_smiley")
     assert config_lib.prepare(config).concepts[0].aliases == ("stripy",)  # the entry's, not the preset's
+    # The painting's preset has no aliases; its entry's serve the paraphrase augmentation.
+    config = xattn.get_config("robust.paraphrase=0.25")
+    config.concepts = ("toy_smiley", config_lib.concept_fields(preset="toy_memorized", aliases="zorblax picture"))
+    assert config_lib.prepare(config).concepts[1].aliases == ("zorblax picture",)
+    config.concepts = ("toy_smiley", "toy_memorized")
+    with pytest.raises(config_lib.ConfigError, match="has none"):
+        config_lib.prepare(config)
 
 
 def _source(word, n, size=16, seed=0):
