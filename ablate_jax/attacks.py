@@ -20,6 +20,13 @@ concept's neighbours (for a memorized image: copies by the memorization measure)
 
 The learned attacks run against each model separately, so the base model's rate says whether
 the attack can draw the target at all (an attack that fails there is broken, not a defence).
+
+With the search comes a control, ``search_without_target`` (kind ``control``): the prefix the
+search found against the ablated model (against the base model when only that one is measured),
+before the target prompts with every name of the target replaced by the anchor, drawn by every
+model. It says how often that prefix draws the target without naming it: where the control's rate
+matches the search's, the search found words that compose the target from other concepts (which
+the base model composes as well), not a way back to the removed name.
 """
 
 from __future__ import annotations
@@ -106,20 +113,6 @@ def paraphrase_attacks(concept: concepts.Concept) -> list[Attack]:
 
 
 # ------------------------------------------------------------------------------------------------ learned attacks
-
-
-def vocabulary_words(tokenizer: Any, avoid: Sequence[str] = ()) -> list[str]:
-    """Whole words that are one token each (so a prompt naming them uses exactly that token), sorted by id,
-    less the words of ``avoid``."""
-    avoided = {w.lower() for text in avoid for w in text.split()}
-    words = []
-    for token, i in sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1]):
-        if not token.endswith("</w>"):
-            continue
-        word = token[: -len("</w>")]
-        if len(word) >= 3 and word.isalpha() and word.lower() not in avoided and _ids(tokenizer, word) == (i,):
-            words.append(word)
-    return words
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,7 +202,7 @@ def embedding_attack(spec: config_lib.Spec, pipeline: Pipeline, params: Mapping[
     tok = pipeline.tokenizer
     word = _word(concept)
     avoid = [*concept.anchor_prompts, *(p for s in concept.eval_sets for p in s.prompts), *images.prompts]
-    candidates = vocabulary_words(tok, avoid)
+    candidates = text_to_image.vocabulary_words(tok, avoid)
     if not candidates:
         raise AttackError("the tokenizer has no whole-word token that the concept's prompts leave unused")
     placeholder = candidates[-1]
@@ -239,7 +232,7 @@ def search_attack(spec: config_lib.Spec, pipeline: Pipeline, params: Mapping[str
     config, concept = spec.config, spec.concept
     a = config.attack
     n_tokens, n_candidates = int(a.search_tokens), int(a.search_candidates)
-    words = vocabulary_words(pipeline.tokenizer)
+    words = text_to_image.vocabulary_words(pipeline.tokenizer)
     if not words:
         raise AttackError("the tokenizer has no whole-word tokens to search over")
     rng = np.random.default_rng(config.seed)
@@ -271,6 +264,24 @@ def search_attack(spec: config_lib.Spec, pipeline: Pipeline, params: Mapping[str
     return Attack("search", "search", prompts, detail=f"prefix '{text}', loss {best:.4f}")
 
 
+def without_target(search: Attack, concept: concepts.Concept) -> Attack:
+    """The control of ``search``: its prompts with every name of the target replaced by the anchor."""
+    names = sorted(concept.names, key=len, reverse=True)  # "circle with a happy face" before "happy face"
+    prompts = []
+    for p in search.prompts:
+        for name in names:
+            p = concepts.replace_word(p, name, concept.anchor)
+        prompts.append(p)
+    return Attack("search_without_target", "control", tuple(prompts), detail=search.detail)
+
+
+def search_controls(searches: Mapping[str, Attack], concept: concepts.Concept) -> dict[str, Attack]:
+    """``{model: control}``: the ablated model's search (the base model's when alone) without the target's
+    name, the same prompts for every model, so that the models are compared on one prompt."""
+    control = without_target(searches.get("ablated", searches["base"]), concept)
+    return {m: control for m in searches}
+
+
 # ------------------------------------------------------------------------------------------------ all of them
 
 
@@ -296,4 +307,6 @@ def build(spec: config_lib.Spec, kinds: Sequence[str], pipeline: Pipeline, model
                 attack = fn(spec, pipeline, params, images)
                 log.info("attack %s against the %s model: %s", kind, m, attack.detail)
                 out[kind][m] = attack
+        if "search" in out:
+            out["search_without_target"] = search_controls(out["search"], concept)
     return out

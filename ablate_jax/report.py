@@ -37,7 +37,10 @@ from PIL import Image, ImageDraw, ImageFont
 
 from ablate_jax import storage
 from ablate_jax.concepts import ROLES
-from ablate_jax.config import ATTACKS as ATTACK_KINDS
+from ablate_jax.config import ATTACKS
+
+# An attack's kind, or ``control``: the search's prefix without the target's name (ablate_jax.attacks).
+ATTACK_KINDS = (*ATTACKS, "control")
 
 MODELS = ("base", "ablated")
 TARGET_ROLES = ("target", "target_paraphrase")

@@ -57,6 +57,22 @@ def tokenize(pipeline: Pipeline, prompts: Sequence[str]) -> np.ndarray:
     )
 
 
+def vocabulary_words(tokenizer: Any, avoid: Sequence[str] = ()) -> list[str]:
+    """Whole words that are one token each (so a prompt naming them uses exactly that token), sorted by id,
+    less the words of ``avoid``."""
+    avoided = {w.lower() for text in avoid for w in text.split()}
+    words = []
+    for token, i in sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1]):
+        if not token.endswith("</w>"):
+            continue
+        word = token[: -len("</w>")]
+        if len(word) < 3 or not word.isalpha() or word.lower() in avoided:
+            continue
+        if tuple(tokenizer(word, add_special_tokens=False).input_ids) == (i,):
+            words.append(word)
+    return words
+
+
 def latent_shape(pipeline: Pipeline, cfg: SamplingConfig) -> tuple[int, int, int]:
     """``(h, w, c)`` of one image's latents."""
     f = pipeline.vae_downsample

@@ -6,6 +6,7 @@ misspellings as something other than a smiley, so they are not held to that.)
 """
 
 import copy
+import dataclasses
 import re
 
 import jax
@@ -88,13 +89,36 @@ def base_report(toy, tmp_path_factory):
 
 def test_every_attack_reaches_the_target_on_the_base_model(base_report):
     found = base_report[0]["attacks"]
-    assert {a["kind"] for a in found.values()} == set(config_lib.ATTACKS)
+    assert {a["kind"] for a in found.values()} == {*config_lib.ATTACKS, "control"}
     # Read among the target, the anchor and five neighbours (three of them faces), half or more of
     # each attack's images are smileys; a learned attack that learned nothing would draw circles.
     for name in ("paraphrase_smiley_paraphrase", "embedding", "search"):
         assert found[name]["success_rate"]["base"] >= 0.5, (name, found[name])
         assert found[name]["success_rate"]["ablated"] is None
     assert sum(a["kind"] == "misspelling" for a in found.values()) >= 5
+
+
+def test_the_search_control_draws_its_prefix_without_the_target_name(base_report):
+    found = base_report[0]["attacks"]
+    search, control = found["search"], found["search_without_target"]
+    assert control["kind"] == "control" and control["detail"] == search["detail"]
+    prefix = search["detail"]["base"].split("'")[1]
+    assert control["prompt"].startswith(prefix.replace("smiley", "circle") + " ")
+    assert not re.search(r"\bsmiley\b", control["prompt"]) and re.search(r"\bcircle\b", control["prompt"])
+    # Naming a circle instead, the prefix the search found on the base model draws far fewer smileys.
+    assert control["success_rate"]["base"] <= search["success_rate"]["base"] - 0.3, (control, search)
+
+
+def test_the_control_replaces_every_name_of_the_target():
+    concept = dataclasses.replace(_spec().concept, aliases=("happy face", "smiling face"))
+    search = attacks.Attack("search", "search", ("wink smiley a red smiley", "a happy face and a Smiley"))
+    control = attacks.without_target(search, concept)
+    assert control.prompts == ("wink circle a red circle", "a circle and a circle")
+    assert control.name == "search_without_target" and control.kind == "control"
+    # Both models draw the prefix found against the ablated one.
+    found = {"base": attacks.Attack("search", "search", ("happy smiley a red smiley",)), "ablated": search}
+    assert attacks.search_controls(found, concept) == {"base": control, "ablated": control}
+    assert attacks.search_controls({"base": search}, concept) == {"base": control}
 
 
 def test_attacks_are_in_the_report_its_tables_and_grids(base_report):
