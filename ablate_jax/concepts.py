@@ -194,12 +194,12 @@ def misspellings(word: str, *, extended: bool = False) -> dict[str, str]:
 
 
 def random_misspelling(word: str, rng: np.random.Generator, avoid: Sequence[str] = ()) -> str:
-    """``word`` with one letter doubled, dropped, swapped with the next, replaced or inserted, at a random
-    position; never a string of ``avoid`` (the attacks' own variants) nor the word itself."""
+    """``word`` with one letter doubled, dropped, swapped with the next, replaced or inserted, or split by a
+    space, at a random position; never a string of ``avoid`` (the attacks' own variants) nor the word itself."""
     letters = "abcdefghijklmnopqrstuvwxyz"
     for _ in range(100):
         i = int(rng.integers(len(word)))
-        kind = int(rng.integers(5))
+        kind = int(rng.integers(6))
         c = letters[int(rng.integers(26))]
         if kind == 0:
             out = word[: i + 1] + word[i:]
@@ -209,6 +209,8 @@ def random_misspelling(word: str, rng: np.random.Generator, avoid: Sequence[str]
             out = word[:i] + word[i + 1] + word[i] + word[i + 2 :]
         elif kind == 3:
             out = word[:i] + c + word[i + 1 :]
+        elif kind == 5 and i > 0:
+            out = word[:i] + " " + word[i:]
         else:
             out = word[:i] + c + word[i:]
         if out != word and out not in avoid:

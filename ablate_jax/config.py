@@ -98,6 +98,9 @@ def base_config() -> ml_collections.ConfigDict:
     # ``paraphrase``: the fraction of target prompts that name the target by one of the concept's
     # aliases instead ("a red happy face" for "a red smiley").
     c.robust.paraphrase = 0.0
+    # ``context``: the fraction of examples whose prompts all begin with one to three random words of
+    # the tokenizer's vocabulary (never a word naming the target), as a prompt search's prefix does.
+    c.robust.context = 0.0
 
     # Device layout. fsdp > 1 splits parameters and optimizer state over that many devices
     # (fully sharded data parallel) for full fine-tunes of models too large to replicate; the
@@ -599,7 +602,7 @@ def check(config: ml_collections.ConfigDict, family: families.Family,
         positive("robust.epsilon", r.epsilon)
         positive("robust.steps", r.steps, integer=True)
         positive("robust.weight", r.weight)
-    for key in ("misspell", "paraphrase"):
+    for key in ("misspell", "paraphrase", "context"):
         if not 0.0 <= r[key] <= 1.0:
             raise ConfigError(f"robust.{key} must lie in [0, 1], got {r[key]}")
     bare = [c.target for c in group if not c.aliases]
@@ -785,7 +788,8 @@ def fingerprint(config: ml_collections.ConfigDict, *keys: str) -> dict[str, Any]
     Stored beside anchors and checkpoints; a rerun whose fingerprint differs is refused rather
     than mixing two runs in one workdir (:mod:`ablate_jax.workdir`). An unresolved config is resolved
     first. A section of :data:`OFF_UNLESS_USED` is left out while its feature is off, so a run that
-    does not use it keeps the identity it had before the feature existed.
+    does not use it keeps the identity it had before the feature existed; so is a setting of
+    :data:`NEUTRAL` at its neutral value.
     """
     config = config if is_resolved(config) else resolve(config)
     flat = config.to_dict()
@@ -796,15 +800,21 @@ def fingerprint(config: ml_collections.ConfigDict, *keys: str) -> dict[str, Any]
         node: Any = flat
         for part in key.split("."):
             node = node[part]
+        if isinstance(node, dict):
+            node = {k: v for k, v in node.items() if (f"{key}.{k}", v) not in NEUTRAL.items()}
         picked[key] = node
     digest = hashlib.sha256(json.dumps(picked, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return {"fields": picked, "hash": digest}
 
 
 # Sections whose feature is off by default, fingerprinted only when it is on.
-OFF_UNLESS_USED = {"robust": lambda c: bool(c.robust.adversarial or c.robust.misspell or c.robust.paraphrase),
+OFF_UNLESS_USED = {"robust": lambda c: bool(c.robust.adversarial or c.robust.misspell or c.robust.paraphrase
+                                              or c.robust.context),
                    # A run of several concepts is defined by its list, and its `concept` section is unused.
                    "concepts": lambda c: bool(c.concepts), "concept": lambda c: not c.concepts}
+# Settings added to a fingerprinted section after runs were recorded with it, left out at the value that
+# leaves training as it was, so that those runs keep their identity.
+NEUTRAL = {"robust.context": 0.0}
 ANCHOR_KEYS = ("model", "seed", "concept", "concepts", "anchors.num_images", "anchors.sampler", "anchors.steps",
                "anchors.guidance", "anchors.eta", "anchors.shard_size")
 # What the trained parameters depend on (checkpoints and the export record it).

@@ -102,6 +102,8 @@ class AnchorBatches:
         with_keep: bool = False,
         misspell: float = 0.0,
         paraphrase: float = 0.0,
+        context: float = 0.0,
+        vocabulary: Sequence[str] = (),
         process_index: int = 0,
         process_count: int = 1,
     ) -> None:
@@ -139,6 +141,14 @@ class AnchorBatches:
         self.paraphrase = paraphrase
         if paraphrase and not all(c.aliases for c in self.concepts):
             raise ValueError("paraphrase augmentation needs every concept's aliases")
+        # ... and a fraction puts one to three random words of ``vocabulary`` before both the target and
+        # the anchor prompt (a prompt search's prefixes), never a word of a concept's names.
+        self.context = context
+        self.vocabulary = tuple(tuple(w for w in vocabulary if w.lower() not in {x.lower() for n in c.names
+                                                                                   for x in n.split()})
+                                for c in self.concepts)
+        if context and not all(self.vocabulary):
+            raise ValueError("context augmentation needs vocabulary words that name no target")
         self.words = tuple(target_word(c.targets, c.anchor) for c in self.concepts)
         self.attack_variants = tuple(tuple(misspellings(w, extended=True).values()) for w in self.words)
         # Whether a keep weight per row is needed: only when some concept has nothing to preserve.
@@ -191,6 +201,12 @@ class AnchorBatches:
             if mrng.random() < self.misspell:
                 word = self.words[c]
                 target = replace_word(target, word, random_misspelling(word, mrng, self.attack_variants[c]))
+        if self.context:
+            crng = np.random.default_rng([self.seed, 5, k])
+            if crng.random() < self.context:
+                words = self.vocabulary[c]
+                prefix = " ".join(words[int(i)] for i in crng.integers(len(words), size=int(crng.integers(1, 4)))) + \
+                    " " + prefix
         out = {
             "image": image,
             "mask": mask,

@@ -188,7 +188,7 @@ def data_key(member: Member) -> tuple:
     c, lc = member.config, config_lib.loss_config(member.config)
     return (os.fspath(member.workdir.anchors_path), c.anchors.num_images, member.spec.concept, c.seed,
             c.train.batch_size, c.train.flip, c.train.rescale, float(c.robust.misspell), float(c.robust.paraphrase),
-            lc.needs_keep)
+            float(c.robust.context), lc.needs_keep)
 
 
 def runs_axis(n_runs: int, batch_size: int, n_devices: int, requested: int = 0) -> int:

@@ -368,7 +368,8 @@ def anchor_batches(workdir: Workdir, pipeline: Pipeline, *, source: anchor_store
         lambda p: text_to_image.tokenize(pipeline, p), seed=config.seed, global_batch=t.batch_size,
         latent_factor=pipeline.vae_downsample, flip=t.flip, rescale=t.rescale,
         with_keep=config_lib.loss_config(config).needs_keep, misspell=float(config.robust.misspell),
-        paraphrase=float(config.robust.paraphrase),
+        paraphrase=float(config.robust.paraphrase), context=float(config.robust.context),
+        vocabulary=text_to_image.vocabulary_words(pipeline.tokenizer) if config.robust.context else (),
         process_index=process_index, process_count=process_count,
     )
     if spec.several and any(data.left_out.values()):

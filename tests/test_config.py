@@ -199,6 +199,13 @@ def test_robust_settings_enter_the_training_identity_only_when_used():
     assert robust["fields"]["robust"]["adversarial"] is True and robust["hash"] != plain["hash"]
     misspelled = config_lib.fingerprint(_load("xattn").get_config("robust.misspell=0.25"), *config_lib.TRAIN_KEYS)
     assert misspelled["fields"]["robust"]["misspell"] == 0.25
+    context = config_lib.fingerprint(_load("xattn").get_config("robust.context=0.25"), *config_lib.TRAIN_KEYS)
+    assert context["fields"]["robust"]["context"] == 0.25 and context["hash"] != plain["hash"]
+    assert "context" not in misspelled["fields"]["robust"]  # at 0, runs keep the identity they had without it
+    # Words before every prompt take no example from the target: the steps stay the family's.
+    assert config_lib.resolve(_load("xattn").get_config("robust.context=0.25")).train.steps == 600
+    with pytest.raises(config_lib.ConfigError, match=r"robust.context must lie in \[0, 1\]"):
+        config_lib.resolve(_load("xattn").get_config("robust.context=1.5"))
 
 
 def test_misspelled_or_paraphrased_target_prompts_double_the_resolved_steps():

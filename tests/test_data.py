@@ -93,18 +93,25 @@ def test_rescale_masks_the_canvas_and_flip_mirrors():
 def test_misspelling_augmentation_changes_only_the_target_word_and_never_as_the_attack_does():
     plain, mixed = _batches(), _batches(misspell=0.5)
     attack_variants = set(concepts.misspellings("grumpy", extended=True).values())
-    changed = 0
+    changed, split = 0, 0
     for k in range(200):
         a, b = plain.example(k), mixed.example(k)
         assert np.array_equal(a["image"], b["image"]) and np.array_equal(a["mask"], b["mask"])
         assert (a["anchor"], a["keep"]) == (b["anchor"], b["keep"])  # every other draw is the run's own
         if a["target"] != b["target"]:
             changed += 1
-            wrong = b["target"].split()[b["target"].split().index("cat") - 1]
-            assert "grumpy" in a["target"] and wrong != "grumpy" and wrong not in attack_variants
+            start = a["target"].index("grumpy")
+            end = len(b["target"]) - len(a["target"][start + len("grumpy"):])
+            wrong = b["target"][start:end]
+            assert wrong != "grumpy" and wrong not in attack_variants
             assert b["target"] == a["target"].replace("grumpy", wrong)
+            # One letter changed, or the word split in two by a space.
+            assert abs(len(wrong) - len("grumpy")) <= 1
+            split += " " in wrong
+            assert wrong.replace(" ", "") == "grumpy" or " " not in wrong
     # Half the examples, of which those naming "sad cat" (the second target) have no "grumpy" to change.
     assert 30 <= changed <= 70
+    assert 0 < split < changed  # a sixth of the misspellings split the word
 
 
 def test_paraphrase_augmentation_names_the_target_by_its_aliases_and_leaves_every_other_draw():
@@ -127,3 +134,26 @@ def test_paraphrase_augmentation_names_the_target_by_its_aliases_and_leaves_ever
     assert 70 <= sum(said.values()) <= 130 and min(said.values()) > 20
     with pytest.raises(ValueError, match="aliases"):
         AnchorBatches(_source(), _concept(), _tok, seed=3, global_batch=4, latent_factor=4, paraphrase=0.5)
+
+
+def test_context_augmentation_puts_the_same_words_before_every_prompt_and_never_a_name_of_the_target():
+    vocabulary = ("grumpy", "sofa", "dark", "sad", "lamp", "window")
+    plain, mixed = _batches(misspell=0.5), _batches(misspell=0.5, context=0.5, vocabulary=vocabulary)
+    prefixed = 0
+    for k in range(200):
+        a, b = plain.example(k), mixed.example(k)
+        assert np.array_equal(a["image"], b["image"]) and np.array_equal(a["mask"], b["mask"])
+        if b["target"] == a["target"]:
+            assert (a["anchor"], a["keep"]) == (b["anchor"], b["keep"])
+            continue
+        prefixed += 1
+        context = b["anchor"][: len(b["anchor"]) - len(a["anchor"])]
+        words = context.split()
+        assert 1 <= len(words) <= 3 and context == " ".join(words) + " "
+        assert set(words) <= {"sofa", "dark", "lamp", "window"}  # "grumpy" and "sad" name the targets
+        # The same words before the target, the anchor and the kept concept; the rest of the example unchanged.
+        assert (b["target"], b["anchor"], b["keep"]) == (context + a["target"], context + a["anchor"],
+                                                         context + a["keep"])
+    assert 70 <= prefixed <= 130
+    with pytest.raises(ValueError, match="vocabulary"):
+        _batches(context=0.5, vocabulary=("grumpy", "sad"))
