@@ -141,13 +141,13 @@ class AnchorBatches:
         self.paraphrase = paraphrase
         if paraphrase and not all(c.aliases for c in self.concepts):
             raise ValueError("paraphrase augmentation needs every concept's aliases")
-        # ... and a fraction puts one to three random words of ``vocabulary`` before both the target and
-        # the anchor prompt (a prompt search's prefixes), never a word of a concept's names.
+        # ... and a fraction puts one to three random words of ``vocabulary`` before every prompt of the
+        # example (a prompt search's prefixes), never a word of any concept's names: "striped" before a
+        # smiley's anchor prompt would teach the stripes to stay, as an anchor naming them would.
         self.context = context
-        self.vocabulary = tuple(tuple(w for w in vocabulary if w.lower() not in {x.lower() for n in c.names
-                                                                                   for x in n.split()})
-                                for c in self.concepts)
-        if context and not all(self.vocabulary):
+        named = {word.lower() for c in self.concepts for name in c.names for word in name.split()}
+        self.vocabulary = tuple(w for w in vocabulary if w.lower() not in named)
+        if context and not self.vocabulary:
             raise ValueError("context augmentation needs vocabulary words that name no target")
         self.words = tuple(target_word(c.targets, c.anchor) for c in self.concepts)
         self.attack_variants = tuple(tuple(misspellings(w, extended=True).values()) for w in self.words)
@@ -204,9 +204,8 @@ class AnchorBatches:
         if self.context:
             crng = np.random.default_rng([self.seed, 5, k])
             if crng.random() < self.context:
-                words = self.vocabulary[c]
-                prefix = " ".join(words[int(i)] for i in crng.integers(len(words), size=int(crng.integers(1, 4)))) + \
-                    " " + prefix
+                picks = crng.integers(len(self.vocabulary), size=int(crng.integers(1, 4)))
+                prefix = "".join(self.vocabulary[int(i)] + " " for i in picks) + prefix
         out = {
             "image": image,
             "mask": mask,

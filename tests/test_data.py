@@ -157,3 +157,12 @@ def test_context_augmentation_puts_the_same_words_before_every_prompt_and_never_
     assert 70 <= prefixed <= 130
     with pytest.raises(ValueError, match="vocabulary"):
         _batches(context=0.5, vocabulary=("grumpy", "sad"))
+
+
+def test_context_words_of_several_concepts_name_none_of_their_targets():
+    dog = concepts.Concept("instance", ("corgi dog",), "dog", ("a dog number 1",), aliases=("fluffy corgi",))
+    vocabulary = ("grumpy", "corgi", "fluffy", "sofa", "lamp")
+    data = AnchorBatches((_source(), _source()), (_concept(), dog), _tok, seed=3, global_batch=4, latent_factor=4,
+                         context=1.0, vocabulary=vocabulary)
+    assert data.vocabulary == ("sofa", "lamp")  # no target's word nor an alias's, whichever concept the example is
+    assert all(data.example(k)["anchor"].split()[0] in data.vocabulary for k in range(20))
