@@ -18,11 +18,12 @@ compiled programs are read from and written to DIR, as the commands do by defaul
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import tempfile
 import time
 from pathlib import Path
+
+import config_files
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,12 +46,9 @@ def main() -> None:
         distributed.set_cpu_devices(args.cpu_devices)  # before anything starts JAX
     distributed.use_compilation_cache(args.compilation_cache)
 
-    spec = importlib.util.spec_from_file_location("bench_config", args.config)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
     from ablate_jax.config import resolve  # noqa: PLC0415
 
-    config = resolve(module.get_config(args.arg))
+    config = resolve(config_files.load(args.config, args.arg))
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         report = train.run(config, Path(tmp) / "run", progress=False)

@@ -14,20 +14,13 @@ out (they are no neighbours); every other set of each concept is evaluated.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
+import config_files
+
 NEIGHBOURS = ("preserved", "surrounding")
-
-
-def load_config(name: str, arg: str):
-    spec = importlib.util.spec_from_file_location(f"{name}_config", ROOT / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
 
 
 def summarize(sets: dict[str, Any], memorization: dict[str, Any] | None, prefix: str = "") -> dict[str, Any]:
@@ -63,12 +56,12 @@ def main() -> None:
     pipe = load_pipeline(shipped_path("pipeline"))
     names = [n.strip() for n in args.concepts.split(";") if n.strip()]
 
-    together = train.run(load_config(args.config, f"concepts={';'.join(names)},{common}"), out / "together",
+    together = train.run(config_files.load(args.config, f"concepts={';'.join(names)},{common}"), out / "together",
                          pipeline=pipe, progress=False)
     labels = [c["label"] for c in together["concepts"]]
     rows = []
     for name, label in zip(names, labels, strict=True):
-        alone = train.run(load_config(args.config, f"concept={name},export.enabled=False,{common}"),
+        alone = train.run(config_files.load(args.config, f"concept={name},export.enabled=False,{common}"),
                           out / f"alone-{name}", pipeline=pipe, progress=False)
         rows.append({"concept": name, "label": label,
                      "together": summarize(together["sets"], together.get("memorization", {}).get(label), f"{label}."),

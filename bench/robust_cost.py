@@ -14,10 +14,9 @@ and, last, ``robust_train_cost=<ratio>``: configs/robust.py's training time over
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import time
-from pathlib import Path
 
+import config_files
 import jax
 import numpy as np
 
@@ -27,14 +26,9 @@ from ablate_jax import params as params_lib
 from ablate_jax.models import load_pipeline
 from ablate_jax.toy import shipped_path
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def load_config(name: str):
-    spec = importlib.util.spec_from_file_location(f"{name}_config", ROOT / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return config_lib.resolve(module.get_config())
+    return config_lib.resolve(config_files.load(name))
 
 
 def main() -> None:

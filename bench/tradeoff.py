@@ -13,20 +13,13 @@ and OUT/tradeoff.png (needs matplotlib: pip install -e '.[bench]').
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+import config_files
+
 SETS = "smiley;frowny;winky;gaspy"
 HELD_OUT = ("winky", "gaspy")
-
-
-def load_config(arg: str):
-    spec = importlib.util.spec_from_file_location("xattn_config", ROOT / "configs" / "xattn.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
 
 
 def main() -> None:
@@ -45,12 +38,15 @@ def main() -> None:
     # The frowny alone is preserved (the preset also keeps the winky), so that two face
     # siblings stay held out for the retention axis.
     common = f"eval.sets={SETS},eval.misspelling=False,export.enabled=False,preserve.concepts=frowny"
-    weight = args.weight if args.weight is not None else float(resolve(load_config(common)).preserve.weight)
+    if args.weight is not None:
+        weight = args.weight
+    else:
+        weight = float(resolve(config_files.load("xattn", common)).preserve.weight)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     axes = [f"preserve.weight=0,{weight:g}", f"train.learning_rate={args.lrs}", f"train.steps={args.steps}"]
-    result = sweep.run(load_config(common), axes, out / "sweep", pipeline=load_pipeline(shipped_path("pipeline")),
-                       progress=False)
+    result = sweep.run(config_files.load("xattn", common), axes, out / "sweep",
+                       pipeline=load_pipeline(shipped_path("pipeline")), progress=False)
     rows = []
     for run in result["runs"]:
         if "sets" not in run:
