@@ -23,6 +23,7 @@ import functools
 import hashlib
 import json
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import ml_collections
@@ -800,11 +801,32 @@ def fingerprint(config: ml_collections.ConfigDict, *keys: str) -> dict[str, Any]
         node: Any = flat
         for part in key.split("."):
             node = node[part]
-        if isinstance(node, dict):
-            node = {k: v for k, v in node.items() if (f"{key}.{k}", v) not in NEUTRAL.items()}
         picked[key] = node
-    digest = hashlib.sha256(json.dumps(picked, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    return {"fields": picked, "hash": digest}
+    picked = canonical_fields(picked)
+    return {"fields": picked, "hash": fields_hash(picked)}
+
+
+def canonical_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """``fields`` (a fingerprint's, or one read back from a record) less every :data:`NEUTRAL` setting at
+    its neutral value, whether the record holds it or predates it."""
+    out = dict(fields)
+    for name, neutral in NEUTRAL.items():
+        section, _, key = name.rpartition(".")
+        if out.get(name, _ABSENT) == neutral:
+            del out[name]
+        elif isinstance(out.get(section), Mapping) and out[section].get(key, _ABSENT) == neutral:
+            out[section] = {k: v for k, v in out[section].items() if k != key}
+    return out
+
+
+def fields_hash(fields: Mapping[str, Any]) -> str:
+    """The short hash of fingerprint fields in canonical form: equal for a record read back from JSON and
+    for the config it was written from, and for records made before a :data:`NEUTRAL` setting existed."""
+    text = json.dumps(canonical_fields(fields), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+_ABSENT = object()
 
 
 # Sections whose feature is off by default, fingerprinted only when it is on.
@@ -813,8 +835,9 @@ OFF_UNLESS_USED = {"robust": lambda c: bool(c.robust.adversarial or c.robust.mis
                    # A run of several concepts is defined by its list, and its `concept` section is unused.
                    "concepts": lambda c: bool(c.concepts), "concept": lambda c: not c.concepts}
 # Settings added to a fingerprinted section after runs were recorded with it, left out at the value that
-# leaves training as it was, so that those runs keep their identity.
-NEUTRAL = {"robust.context": 0.0}
+# leaves training as it was, so that those runs keep their identity. Records are compared through
+# `fields_hash` of their fields, so a record holding such a setting at that value matches too.
+NEUTRAL = {"robust.context": 0.0, "robust.paraphrase": 0.0}
 ANCHOR_KEYS = ("model", "seed", "concept", "concepts", "anchors.num_images", "anchors.sampler", "anchors.steps",
                "anchors.guidance", "anchors.eta", "anchors.shard_size")
 # What the trained parameters depend on (checkpoints and the export record it).

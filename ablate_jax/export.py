@@ -64,7 +64,7 @@ from ablate_jax import config as config_lib
 from ablate_jax import params as params_lib
 from ablate_jax.models import loading
 from ablate_jax.models.convert import ConversionError, flax_path_to_torch_key, flax_to_torch, torch_to_flax
-from ablate_jax.workdir import EXPORT_RECORD, Workdir, open_workdir
+from ablate_jax.workdir import EXPORT_RECORD, Workdir, open_workdir, recorded_hash
 
 log = logging.getLogger("ablate_jax")
 
@@ -519,7 +519,7 @@ def export_run(spec: config_lib.Spec | ml_collections.ConfigDict, workdir: str |
 
 
 def _same_run(record: Mapping[str, Any], config_hash: str, step: int | None, trained_hash: str | None) -> bool:
-    same = record.get("config_hash") == config_hash and record.get("checkpoint_step") == step
+    same = recorded_hash(record, "config", "config_hash") == config_hash and record.get("checkpoint_step") == step
     if trained_hash is not None:
         same = same and record.get("delta", {}).get("trained_sha256") == trained_hash
     return same

@@ -66,6 +66,15 @@ def foreign(path: Any, what: str, diffs: Sequence[str], way_out: str = "") -> Wo
     return WorkdirError(f"{path} holds {what} of another run ({'; '.join(diffs) or 'another identity'}); {way_out}")
 
 
+def recorded_hash(record: Mapping[str, Any], fields: str, stored: str) -> Any:
+    """The training identity's hash of a record, recomputed from its ``fields`` in canonical form
+    (:func:`ablate_jax.config.fields_hash`), so that a setting added since, at its neutral value, does not
+    disown it; the ``stored`` hash where the record holds no fields."""
+    if isinstance(record.get(fields), Mapping):
+        return config_lib.fields_hash(record[fields])
+    return record.get(stored)
+
+
 def read_record(path: Any, what: str, key: str = "fingerprint") -> dict[str, Any] | None:
     """A JSON record (None when absent); an unreadable one is refused with the way out."""
     if not path.exists():
@@ -188,8 +197,9 @@ class Workdir:
         if record is None:
             return
         ours = self.train_identity
-        if record["hash"] != ours["hash"]:
-            raise foreign(out, "checkpoints", differences(record.get("fields", {}), ours["fields"]))
+        if recorded_hash(record, "fields", "hash") != ours["hash"]:
+            raise foreign(out, "checkpoints", differences(config_lib.canonical_fields(record.get("fields", {})),
+                                                           ours["fields"]))
 
     def record_checkpoints(self) -> None:
         """Writes the training identity beside the checkpoints (process 0), where none is yet."""
@@ -212,7 +222,7 @@ class Workdir:
         if record is None:
             diffs = ["no readable export.json"]
         else:
-            diffs = differences(record.get("config", {}), self.train_identity["fields"])
+            diffs = differences(config_lib.canonical_fields(record.get("config", {})), self.train_identity["fields"])
             if step is not _ANY_STEP and record.get("checkpoint_step") != step:
                 diffs.append(f"checkpoint step: {record.get('checkpoint_step')} -> {step}")
             diffs = diffs or ["its trained values"]
@@ -223,7 +233,7 @@ class Workdir:
         if self.spec.config.export.overwrite or not (self.path / EXPORT).exists():
             return
         record = self.export_record()
-        if record is None or record.get("config_hash") != self.train_identity["hash"]:
+        if record is None or recorded_hash(record, "config", "config_hash") != self.train_identity["hash"]:
             raise self.export_refusal(record)
 
     def guard(self, stages: Sequence[str]) -> None:

@@ -208,6 +208,30 @@ def test_robust_settings_enter_the_training_identity_only_when_used():
         config_lib.resolve(_load("xattn").get_config("robust.context=1.5"))
 
 
+def test_a_run_recorded_before_or_with_a_neutral_setting_keeps_its_identity(tmp_path):
+    from ablate_jax.workdir import WorkdirError, open_workdir  # noqa: PLC0415
+
+    config = _load("robust").get_config()
+    wd = open_workdir(config, tmp_path, ())
+    wd.record_checkpoints()
+    run_file = tmp_path / "checkpoints" / "run.json"
+    record = json.loads(run_file.read_text())
+    assert "paraphrase" not in record["fields"]["robust"]  # at its neutral value it is not recorded
+    assert config_lib.fields_hash(record["fields"]) == record["hash"] == wd.train_identity["hash"]
+    # A record that predates the setting, and one that holds it at its neutral value, are the same run.
+    # (The stored hash of the second is the one such runs recorded: another than today's.)
+    for extra in ({}, {"paraphrase": 0.0}):
+        robust = {**record["fields"]["robust"], **extra}
+        old = {**record, "fields": {**record["fields"], "robust": robust}, "hash": "0123456789abcdef"}
+        run_file.write_text(json.dumps(old))
+        assert open_workdir(config, tmp_path, ("train",)).train_identity["hash"] == record["hash"]
+    # Away from the neutral value it is another run, and the refusal names the field.
+    other = {**record, "fields": {**record["fields"], "robust": {**record["fields"]["robust"], "paraphrase": 0.25}}}
+    run_file.write_text(json.dumps(other))
+    with pytest.raises(WorkdirError, match="robust.paraphrase: 0.25 -> null"):
+        open_workdir(config, tmp_path, ("train",))
+
+
 def test_misspelled_or_paraphrased_target_prompts_double_the_resolved_steps():
     spec = config_lib.prepare(_load("xattn").get_config("robust.misspell=0.25"))
     assert spec.config.train.steps == 1200 and "x 2 with misspelled" in "\n".join(spec.notes.lines())
