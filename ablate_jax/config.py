@@ -131,6 +131,9 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = auto(int)
+    # When train.steps is not given: the family's steps (as the augmentation and the concept count set them)
+    # times this. A given train.steps is taken as it is.
+    c.train.steps_factor = 1.0
     c.train.batch_size = 8
     c.train.learning_rate = auto(float)
     c.train.weight_decay = 1e-2
@@ -381,6 +384,12 @@ def resolution(config: ml_collections.ConfigDict, family: families.Family,
     augmented = bool(config.robust.misspell or config.robust.paraphrase)
     twice = " x 2 with misspelled or paraphrased target prompts" if augmented else ""
     steps *= 2 if augmented else 1
+    factor = config.train.steps_factor
+    if not (isinstance(factor, (int, float)) and math.isfinite(factor) and factor > 0):
+        raise ConfigError(f"train.steps_factor must be a positive number, got {factor!r}")
+    if factor != 1:
+        steps = math.ceil(steps * factor)
+        twice += f" x {factor:g} (train.steps_factor)"
     if several:
         fill("train.steps", steps * len(group), f"{where}, {params}{twice}, {steps} per concept x {len(group)} concepts")
     else:
@@ -606,6 +615,10 @@ def check(config: ml_collections.ConfigDict, family: families.Family,
     for key in ("misspell", "paraphrase", "context"):
         if not 0.0 <= r[key] <= 1.0:
             raise ConfigError(f"robust.{key} must lie in [0, 1], got {r[key]}")
+    for key in ("misspell", "paraphrase"):
+        if r[key] == 1.0:
+            raise ConfigError(f"robust.{key}=1 leaves none of the target's own prompts to train on; use a share "
+                              "below 1")
     bare = [c.target for c in group if not c.aliases]
     if r.paraphrase and bare:
         raise ConfigError(f"robust.paraphrase names the target by its aliases, and {bare[0]!r} has none; use a "

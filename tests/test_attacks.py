@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from ablate_jax import attacks, evaluate, sharding
+from ablate_jax import attacks, evaluate, sharding, text_to_image
 from ablate_jax import config as config_lib
 from ablate_jax import params as params_lib
 from ablate_jax.config import ConfigError, base_config
@@ -49,6 +49,32 @@ def test_misspellings_are_five_or_more_variants_each_tokenised_differently(toy):
     for attack in found:
         assert len(attack.prompts) == len(target.prompts)
         assert all(attack.detail in p and "smiley" not in p for p in attack.prompts), attack.name
+
+
+def test_a_ball_around_the_target_states_that_holds_its_misspellings_holds_a_kept_face(toy):
+    """Why a text-side adversary cannot carry over to the held-out misspellings (docs/attacks.md): in the
+    text encoder's output, the attack's misspellings lie as far from the target prompt's states as the
+    faces that must be kept. Measured at the end-of-text position, relative to the state's norm, mean
+    over the target set's prompts."""
+    pipe, _ = toy
+    spec = _spec()
+    prompts = next(s for s in spec.concept.eval_sets if s.role == "target").prompts
+
+    def states(words):
+        ids = text_to_image.tokenize(pipe, [p.replace("smiley", w) for w in words for p in prompts])
+        eos = np.argmax(ids == pipe.tokenizer.eos_token_id, axis=1)
+        out = np.asarray(pipe.text_encoder.apply({"params": pipe.params["text_encoder"]}, ids).last_hidden_state)
+        return out[np.arange(len(ids)), eos].reshape(len(words), len(prompts), -1)
+
+    target = states(["smiley"])[0]
+
+    def distance(word):
+        return float(np.mean(np.linalg.norm(states([word])[0] - target, axis=-1) / np.linalg.norm(target, axis=-1)))
+
+    misspelled = [distance(a.detail) for a in attacks.misspelling_attacks(spec.concept, pipe.tokenizer)]
+    kept = [distance(w) for w in spec.concept.preserve]
+    assert min(kept) <= max(misspelled), (kept, misspelled)
+    assert distance(spec.concept.anchor) > max(misspelled)  # the anchor is farther than either
 
 
 def test_unknown_attacks_and_bad_budgets_are_refused():

@@ -241,4 +241,20 @@ def test_misspelled_or_paraphrased_target_prompts_double_the_resolved_steps():
     assert config_lib.resolve(_load("xattn").get_config("robust.misspell=0.25,train.steps=100")).train.steps == 100
     several = config_lib.resolve(_load("xattn").get_config("concepts=toy_smiley;toy_striped,robust.misspell=0.5"))
     assert several.train.steps == 2400
+    with pytest.raises(config_lib.ConfigError, match="none of the target's own prompts"):
+        config_lib.resolve(_load("xattn").get_config("robust.misspell=1"))
+
+
+def test_the_steps_factor_scales_the_family_steps_and_leaves_given_steps_alone():
+    # attn on the toy world: 300 steps, x 2 with misspelled prompts, x 4.
+    spec = config_lib.prepare(_load("robust").get_config("robust.misspell=0.5,train.steps_factor=4"))
+    assert spec.config.train.steps == 2400 and "x 4 (train.steps_factor)" in "\n".join(spec.notes.lines())
+    assert config_lib.resolve(_load("robust").get_config("train.steps_factor=4,train.steps=100")).train.steps == 100
+    assert config_lib.resolve(_load("xattn").get_config("train.steps_factor=1.5")).train.steps == 900
+    several = config_lib.resolve(_load("xattn").get_config("concepts=toy_smiley;toy_striped,train.steps_factor=2"))
+    assert several.train.steps == 2400
+    # Only the resolved steps are the run's identity: the factor that gave them is not.
+    assert "train.steps_factor" not in config_lib.TRAIN_KEYS
+    with pytest.raises(config_lib.ConfigError, match="train.steps_factor must be a positive number"):
+        config_lib.resolve(_load("xattn").get_config("train.steps_factor=0"))
 
