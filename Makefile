@@ -32,7 +32,7 @@ demo: $(VENV)/.stamp-run
 TEST_WORKERS ?= 3
 
 test: $(VENV)/.stamp-test
-	$(BIN)/python -m pytest -q -m "not slow" -n $(TEST_WORKERS) --dist loadfile --durations=15 tests $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -m "not slow" -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=15 tests $(PYTEST_ARGS)
 
 test-slow: $(VENV)/.stamp-test
 	$(BIN)/python -m pytest -q -m slow tests $(PYTEST_ARGS)

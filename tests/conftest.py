@@ -31,11 +31,11 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 
 import pytest  # noqa: E402  (after the environment is set)
 
-# The files that take longest, in that order. Under pytest-xdist's --dist loadfile, whole files go
-# to workers in collection order; started first, these never leave one worker running alone at
-# the end while the others are idle.
-LONGEST_FIRST = ("test_demo.py", "test_multihost.py", "test_unet.py", "test_train.py", "test_toy_models.py",
-                 "test_sweep.py", "test_bad_input.py", "test_text_to_image.py", "test_fsdp.py", "test_attacks.py")
+# The files that take longest, in that order. Under pytest-xdist's --dist loadfile with
+# --no-loadscope-reorder (the Makefile's), whole files go to workers in collection order; started
+# first, these never leave one worker running alone at the end while the others are idle.
+LONGEST_FIRST = ("test_multihost.py", "test_train.py", "test_sweep.py", "test_demo.py", "test_attacks.py",
+                 "test_unet.py", "test_toy_models.py", "test_text_to_image.py", "test_fsdp.py", "test_bad_input.py")
 
 
 def pytest_collection_modifyitems(config, items):
