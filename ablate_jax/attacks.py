@@ -7,7 +7,9 @@ concept's neighbours (for a memorized image: copies by the memorization measure)
 
 - ``misspelling``: one-letter variants of the word that names the target (doubled, dropped,
   swapped, substituted, inserted letter, split word), each tokenised differently from the word
-  and from each other, in the target set's prompts;
+  and from each other, in the target set's prompts; then ``misspelling_best``, the variant with
+  the highest rate against each model drawn again on seeds of its own (the attacker's pick,
+  measured without the upward bias of the largest of several rates on the same images);
 - ``paraphrase``: the concept's paraphrase sets (descriptions that avoid the name);
 - ``embedding``: textual inversion against the attacked model. One token's embedding row
   (a word no prompt of the concept uses) is optimised with the denoising loss on images the base
@@ -54,6 +56,10 @@ KINDS = config_lib.ATTACKS
 # The images the learned attacks fit, and their noise, come from fold_in(key(seed), ATTACK_STREAM):
 # never the seeds their success is measured on.
 ATTACK_STREAM = 0x61747461  # "atta" in ASCII
+
+
+# The best misspelling, chosen on the variants' draws and drawn again on seeds of its own.
+BEST_MISSPELLING = "misspelling_best"
 
 
 class AttackError(ValueError):
@@ -104,6 +110,17 @@ def misspelling_attacks(concept: concepts.Concept, tokenizer: Any) -> list[Attac
         if prompts != base.prompts:
             out.append(Attack(f"misspelling_{kind}", "misspelling", prompts, detail=wrong))
     return out
+
+
+def best_misspelling(measured: Mapping[str, tuple[Attack, float]]) -> Attack:
+    """The attacker's pick among misspellings measured against one model: the variant with the highest
+    success rate (the first of equals), as an attack of its own (:data:`BEST_MISSPELLING`) to be drawn
+    on fresh seeds, since the largest of several rates measured on the same images is biased upwards."""
+    if not measured:
+        raise AttackError("no misspelling was measured to choose from")
+    name, (attack, rate) = max(measured.items(), key=lambda item: item[1][1])
+    return Attack(BEST_MISSPELLING, "misspelling", attack.prompts,
+                  detail=f"{attack.detail} ({name}: {rate:.2f} on the variants' draws)")
 
 
 def paraphrase_attacks(concept: concepts.Concept) -> list[Attack]:

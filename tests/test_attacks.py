@@ -124,6 +124,31 @@ def test_every_attack_reaches_the_target_on_the_base_model(base_report):
     assert sum(a["kind"] == "misspelling" for a in found.values()) >= 5
 
 
+def test_the_best_misspelling_is_drawn_again_on_seeds_of_its_own(base_report):
+    report, workdir = base_report
+    found = report["attacks"]
+    best = found[attacks.BEST_MISSPELLING]
+    variants = {name: a for name, a in found.items() if a["kind"] == "misspelling" and name != attacks.BEST_MISSPELLING}
+    top = max(variants, key=lambda v: variants[v]["success_rate"]["base"])
+    assert best["kind"] == "misspelling" and best["n_images"] == variants[top]["n_images"]
+    assert best["prompt"] == variants[top]["prompt"]
+    rate = variants[top]["success_rate"]["base"]
+    assert best["detail"]["base"] == f"{variants[top]['detail']['base']} ({top}: {rate:.2f} on the variants' draws)"
+    # The same prompts on seeds of its own: other images than those the variant was chosen on.
+    eval_dir = workdir / "eval"
+    assert (eval_dir / f"attack_{attacks.BEST_MISSPELLING}.png").read_bytes() != (eval_dir / f"attack_{top}.png").read_bytes()
+
+
+def test_the_best_misspelling_is_the_first_of_the_highest():
+    a, b, c = (attacks.Attack(f"misspelling_{k}", "misspelling", (f"a red {w}",), detail=w)
+               for k, w in (("doubled", "smilley"), ("dropped", "smiey"), ("swapped", "smiely")))
+    best = attacks.best_misspelling({a.name: (a, 0.25), b.name: (b, 0.40), c.name: (c, 0.40)})
+    assert best == attacks.Attack(attacks.BEST_MISSPELLING, "misspelling", ("a red smiey",),
+                                  detail="smiey (misspelling_dropped: 0.40 on the variants' draws)")
+    with pytest.raises(attacks.AttackError, match="no misspelling"):
+        attacks.best_misspelling({})
+
+
 def test_the_search_control_draws_its_prefix_without_the_target_name(base_report):
     found = base_report[0]["attacks"]
     search, control = found["search"], found["search_without_target"]
