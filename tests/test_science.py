@@ -148,7 +148,8 @@ def test_what_the_search_finds_on_the_robust_model_does_not_need_the_removed_nam
 
 @pytest.mark.xfail(strict=True, reason=(
     "seed 0, 20 images: the unseen misspellings `smimey` and `smimley` come out 0.30 of the time (base model 0.20 "
-    "and 0.35); at 40 images and seeds 0-2 their maximum is 0.275-0.40 and the search 0.10-0.45, its prefixes "
+    "and 0.35); at 40 images and seeds 0-2 their maximum is 0.275-0.40 (the best drawn again on seeds of its own "
+    "0.20-0.475) and the search 0.10-0.45, its prefixes "
     "drawing smileys as often without the target's name (docs/attacks.md)"))
 def test_robust_ablation_holds_every_attack_to_a_fifth(robust_run):
     for name, a in robust_run["attacks"].items():
