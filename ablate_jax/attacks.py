@@ -112,15 +112,16 @@ def misspelling_attacks(concept: concepts.Concept, tokenizer: Any) -> list[Attac
     return out
 
 
-def best_misspelling(measured: Mapping[str, tuple[Attack, float]]) -> Attack:
-    """The attacker's pick among misspellings measured against one model: the variant with the highest
-    success rate (the first of equals), as an attack of its own (:data:`BEST_MISSPELLING`) to be drawn
-    on fresh seeds, since the largest of several rates measured on the same images is biased upwards."""
+def best_misspelling(measured: Sequence[tuple[Attack, float]]) -> Attack:
+    """The attacker's pick among misspellings measured against one model (each with its success rate):
+    the variant with the highest rate (the first of equals), as an attack of its own
+    (:data:`BEST_MISSPELLING`) to be drawn on fresh seeds, since the largest of several rates measured
+    on the same images is biased upwards."""
     if not measured:
         raise AttackError("no misspelling was measured to choose from")
-    name, (attack, rate) = max(measured.items(), key=lambda item: item[1][1])
+    attack, rate = max(measured, key=lambda pair: pair[1])
     return Attack(BEST_MISSPELLING, "misspelling", attack.prompts,
-                  detail=f"{attack.detail} ({name}: {rate:.2f} on the variants' draws)")
+                  detail=f"{attack.detail} ({attack.name}: {rate:.2f} on the variants' draws)")
 
 
 def paraphrase_attacks(concept: concepts.Concept) -> list[Attack]:

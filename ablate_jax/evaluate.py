@@ -261,8 +261,8 @@ def _attack_entries(spec: Spec, kinds: Sequence[str], pipeline: Pipeline, models
         if variants:
             # The attacker's pick among the misspellings, drawn again on seeds of its own: the largest of
             # several rates measured on the same images overstates the best variant's.
-            measure(attacks.BEST_MISSPELLING, {m: attacks.best_misspelling({v: (built[v][m], rates[v][m]) for v in variants})
-                                               for m in models})
+            picks = {m: attacks.best_misspelling([(built[v][m], rates[v][m]) for v in variants]) for m in models}
+            measure(attacks.BEST_MISSPELLING, picks)
     finally:
         bar.close()
     log.info("attacks: %d run and scored in %.1f s", len(out), time.perf_counter() - t0)

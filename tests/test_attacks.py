@@ -142,11 +142,11 @@ def test_the_best_misspelling_is_drawn_again_on_seeds_of_its_own(base_report):
 def test_the_best_misspelling_is_the_first_of_the_highest():
     a, b, c = (attacks.Attack(f"misspelling_{k}", "misspelling", (f"a red {w}",), detail=w)
                for k, w in (("doubled", "smilley"), ("dropped", "smiey"), ("swapped", "smiely")))
-    best = attacks.best_misspelling({a.name: (a, 0.25), b.name: (b, 0.40), c.name: (c, 0.40)})
+    best = attacks.best_misspelling([(a, 0.25), (b, 0.40), (c, 0.40)])
     assert best == attacks.Attack(attacks.BEST_MISSPELLING, "misspelling", ("a red smiey",),
                                   detail="smiey (misspelling_dropped: 0.40 on the variants' draws)")
     with pytest.raises(attacks.AttackError, match="no misspelling"):
-        attacks.best_misspelling({})
+        attacks.best_misspelling([])
 
 
 def test_the_search_control_draws_its_prefix_without_the_target_name(base_report):
